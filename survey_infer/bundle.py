@@ -1,0 +1,158 @@
+"""Model bundles: a directory with bundle.json, weights.safetensors and model.onnx, each file sha256-checked.
+
+Loading never unpickles anything: weights come from safetensors, the architecture from a registry by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from survey_infer.errors import BundleError
+
+BUNDLE_FORMAT = 1
+BUNDLE_JSON = "bundle.json"
+WEIGHTS_FILE = "weights.safetensors"
+ONNX_FILE = "model.onnx"
+REQUIRED_KEYS = ("bundle_format", "id", "task", "architecture", "input_spec", "output_spec", "files")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Write JSON to a temp file beside ``path`` and rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(document, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified model bundle."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return self.meta["id"]
+
+    @property
+    def task(self) -> str:
+        return self.meta["task"]
+
+    @property
+    def input_spec(self) -> dict[str, Any]:
+        return self.meta["input_spec"]
+
+    @property
+    def output_spec(self) -> dict[str, Any]:
+        return self.meta["output_spec"]
+
+    @property
+    def onnx_path(self) -> Path | None:
+        return self.path / ONNX_FILE if ONNX_FILE in self.meta["files"] else None
+
+    def sha256(self) -> str:
+        """sha256 of bundle.json, which itself pins the sha256 of every other file."""
+        return sha256_file(self.path / BUNDLE_JSON)
+
+    def build_torch_model(self):
+        """The bundle's network in eval mode with its safetensors weights (strictly matched)."""
+        from safetensors.torch import load_file
+
+        from survey_infer.models import build_model
+
+        arch = self.meta["architecture"]
+        try:
+            model = build_model(arch["name"], **arch.get("kwargs", {}))
+        except KeyError as exc:
+            raise BundleError(f"bundle {self.path}: {exc.args[0]}") from exc
+        state = load_file(str(self.path / WEIGHTS_FILE))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(f"bundle {self.path}: {WEIGHTS_FILE} does not match architecture {arch['name']}: {exc}") from exc
+        return model.eval()
+
+
+def load_bundle(path: str | Path, task: str | None = None) -> Bundle:
+    """Open a bundle directory, check its format, task and the sha256 of every listed file."""
+    path = Path(path)
+    meta_path = path / BUNDLE_JSON
+    if not meta_path.is_file():
+        raise BundleError(f"bundle {path}: {BUNDLE_JSON} not found")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"bundle {path}: {BUNDLE_JSON} is not valid JSON ({exc})") from exc
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise BundleError(f"bundle {path}: {BUNDLE_JSON} lacks keys {missing}")
+    if meta["bundle_format"] != BUNDLE_FORMAT:
+        raise BundleError(f"bundle {path}: bundle_format {meta['bundle_format']!r}; {BUNDLE_FORMAT} was expected")
+    if task is not None and meta["task"] != task:
+        raise BundleError(f"bundle {path} is for task {meta['task']!r}, not {task!r}")
+    if WEIGHTS_FILE not in meta["files"]:
+        raise BundleError(f"bundle {path}: {BUNDLE_JSON} lists no {WEIGHTS_FILE}")
+    for name, expected in meta["files"].items():
+        file_path = path / name
+        if not file_path.is_file():
+            raise BundleError(f"bundle {path}: file {name} listed in {BUNDLE_JSON} is missing")
+        actual = sha256_file(file_path)
+        if actual != expected:
+            raise BundleError(
+                f"bundle {path}: file {name} has sha256 {actual[:16]}..., {BUNDLE_JSON} says {expected[:16]}... "
+                "(tampered with or from another bundle)"
+            )
+    return Bundle(path=path, meta=meta)
+
+
+def record_file(bundle_dir: Path, name: str) -> None:
+    """Add (or refresh) the sha256 of ``name`` in the bundle's bundle.json."""
+    meta_path = Path(bundle_dir) / BUNDLE_JSON
+    meta = json.loads(meta_path.read_text())
+    meta["files"][name] = sha256_file(Path(bundle_dir) / name)
+    write_json_atomic(meta_path, meta)
+
+
+def shipped_bundles_dir() -> Path:
+    return Path(str(resources.files("survey_infer") / "data" / "bundles"))
+
+
+def list_shipped_bundles() -> list[Bundle]:
+    """Every bundle that ships inside the package, verified."""
+    root = shipped_bundles_dir()
+    if not root.is_dir():
+        return []
+    return [load_bundle(p) for p in sorted(root.iterdir()) if (p / BUNDLE_JSON).is_file()]
+
+
+def default_bundle_path(task: str) -> Path:
+    """The newest shipped bundle for a task."""
+    root = shipped_bundles_dir()
+    candidates = []
+    for bundle_dir in sorted(root.glob(f"{task}-*")) if root.is_dir() else []:
+        meta_path = bundle_dir / BUNDLE_JSON
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("task") == task:
+                candidates.append((int(meta.get("version", 0)), bundle_dir))
+    if not candidates:
+        raise BundleError(f"no bundle for task {task!r} ships with survey-infer; give one with --bundle")
+    return max(candidates)[1]

@@ -1,0 +1,41 @@
+"""ONNX Runtime engine: CPU, or the CUDA execution provider where it is installed and a GPU is present."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from survey_infer.engines.base import Engine, EngineUnavailable
+
+
+class OnnxRuntimeEngine(Engine):
+    name = "onnxruntime"
+
+    def __init__(self, bundle, *, threads: int = 1, device: str = "auto"):
+        super().__init__(bundle)
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise EngineUnavailable("onnxruntime is not installed") from exc
+        if bundle.onnx_path is None:
+            raise EngineUnavailable(f"bundle {bundle.id} has no model.onnx (run `survey-infer export`)")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        available = ort.get_available_providers()
+        want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
+        if device == "cuda" and not want_cuda:
+            raise EngineUnavailable("CUDA was asked for but onnxruntime has no CUDAExecutionProvider")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=providers)
+        self.providers = self.session.get_providers()
+        self.version = ort.__version__
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in self.input_names}
+        outputs = self.session.run(self.output_names, feed)
+        return dict(zip(self.output_names, outputs))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "providers": self.providers, "onnxruntime": self.version}

@@ -1,0 +1,40 @@
+"""PyTorch engine: CPU float32, or CUDA (float32 or half precision) when a GPU is present."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from survey_infer.engines.base import Engine, EngineUnavailable
+
+
+def resolve_torch_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineUnavailable("CUDA was asked for but torch sees no GPU")
+    return torch.device(device)
+
+
+class TorchEngine(Engine):
+    name = "torch"
+
+    def __init__(self, bundle, *, threads: int = 1, device: str = "auto", half: bool = False):
+        super().__init__(bundle)
+        self.device = resolve_torch_device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.half = half and self.device.type == "cuda"
+        model = bundle.build_torch_model().to(self.device)
+        self.model = model.half() if self.half else model
+
+    @torch.inference_mode()
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        dtype = torch.float16 if self.half else torch.float32
+        tensors = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device, dtype) for n in self.input_names]
+        outputs = self.model(*tensors)
+        return {name: out.float().cpu().numpy() for name, out in zip(self.output_names, outputs)}
+
+    def describe(self) -> dict:
+        return {"name": self.name, "device": str(self.device), "precision": "fp16" if self.half else "fp32",
+                "torch": torch.__version__}

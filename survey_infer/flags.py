@@ -1,0 +1,42 @@
+"""Row flags: a bit per reason, so a row that cannot be (fully) processed is kept and explained."""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLAG_BITS: dict[str, int] = {
+    "nan_pixels": 1,  # the cutout holds NaN or infinite pixels: no estimate
+    "empty_cutout": 2,  # the cutout is constant (blank, zero-filled or saturated): no estimate
+    "missing_metadata": 4,  # a per-object input the model uses is missing; filled with its training mean
+    "no_luminosity": 8,  # no luminosity given: quantities that need it are null
+    "off_tile": 16,  # the source lies off every tile
+    "edge_padded": 32,  # the cutout was padded at a tile edge
+    "missing_band": 64,  # a band the model needs is missing
+    "out_of_range": 128,  # an input lies outside the range the model was trained on
+}
+NO_ESTIMATE = FLAG_BITS["nan_pixels"] | FLAG_BITS["empty_cutout"] | FLAG_BITS["off_tile"] | FLAG_BITS["missing_band"]
+
+
+def flag_reasons(flags: np.ndarray) -> list[str]:
+    """Comma-separated reason names for each row ('' where the flag is 0)."""
+    names = list(FLAG_BITS.items())
+    cache: dict[int, str] = {}
+    out = []
+    for value in np.asarray(flags, dtype=np.int64).tolist():
+        if value not in cache:
+            cache[value] = ",".join(name for name, bit in names if value & bit)
+        out.append(cache[value])
+    return out
+
+
+def image_flags(images: np.ndarray) -> np.ndarray:
+    """Flag NaN/inf and constant cutouts: a batch (N, C, H, W) -> int32 flags (N,)."""
+    flat = images.reshape(len(images), -1)
+    finite = np.isfinite(flat).all(axis=1)
+    flags = np.where(finite, 0, FLAG_BITS["nan_pixels"]).astype(np.int32)
+    with np.errstate(invalid="ignore"):
+        constant = np.nanmax(flat, axis=1) == np.nanmin(flat, axis=1) if flat.shape[1] else np.ones(len(flat), bool)
+    all_nan = ~np.isfinite(flat).any(axis=1)
+    flags[(constant | all_nan) & finite] |= FLAG_BITS["empty_cutout"]
+    flags[all_nan] |= FLAG_BITS["empty_cutout"]
+    return flags

@@ -1,0 +1,83 @@
+"""What a task declares (specs, pre- and post-processing); the pipeline owns the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from survey_infer.errors import StoreError
+
+if TYPE_CHECKING:
+    from survey_infer.bundle import Bundle
+    from survey_infer.store import CutoutStoreInfo
+
+
+@dataclass(frozen=True)
+class OutputColumn:
+    """One catalog column a task writes, with its unit (recorded in the Parquet schema)."""
+
+    name: str
+    dtype: str
+    unit: str
+    description: str
+
+    def field(self) -> pa.Field:
+        return pa.field(
+            self.name, pa.from_numpy_dtype(np.dtype(self.dtype)), metadata={"unit": self.unit, "description": self.description}
+        )
+
+
+class Task:
+    """Base of every science task."""
+
+    name: ClassVar[str]
+    store_kind: ClassVar[str]
+
+    def output_columns(self, bundle: Bundle) -> list[OutputColumn]:
+        raise NotImplementedError
+
+
+class CutoutTask(Task):
+    """A task whose unit of work is a block of cutout rows.
+
+    Subclasses say which per-object columns they read, turn a batch into named engine inputs (flagging what
+    cannot be used), and turn engine outputs into catalog columns.
+    """
+
+    store_kind = "cutouts"
+
+    def check_store(self, info: CutoutStoreInfo, bundle: Bundle) -> None:
+        """Refuse a store whose images do not match the bundle's input spec."""
+        spec = bundle.input_spec["image"]
+        expected = tuple(spec["shape"])
+        if info.image_shape != expected:
+            raise StoreError(
+                f"array 'images' in {info.path} has cutouts of shape {info.image_shape} (C, H, W); bundle "
+                f"{bundle.id} expects {expected}"
+            )
+        bands = spec.get("bands")
+        if bands and info.bands and list(info.bands) != list(bands):
+            raise StoreError(f"store {info.path} has bands {info.bands}; bundle {bundle.id} expects {bands}")
+
+    def input_columns(self, bundle: Bundle) -> list[str]:
+        """Per-object columns read for each unit (besides object_id, ra, dec)."""
+        return []
+
+    def prepare(
+        self, images: np.ndarray, columns: dict[str, np.ndarray], bundle: Bundle
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Engine inputs for a batch, and int32 flags (N,)."""
+        raise NotImplementedError
+
+    def postprocess(
+        self, outputs: dict[str, np.ndarray], columns: dict[str, np.ndarray], flags: np.ndarray, bundle: Bundle
+    ) -> dict[str, np.ndarray]:
+        """Catalog columns (each (N,)) from engine outputs; may add flags in place."""
+        raise NotImplementedError
+
+    def example_inputs(self, bundle: Bundle, n_rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Random engine inputs of the right shapes (export, engine checks)."""
+        raise NotImplementedError
