@@ -1,0 +1,182 @@
+"""The `survey-infer` command line.
+
+Exit status: 0 every unit done; 1 some unit failed; 2 refused before any work (bad input or arguments).
+`training` and `deploy` are reached through lazy imports of their public functions, so the runtime package
+never depends on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from survey_infer.errors import RefusedError
+
+EXIT_REFUSED = 2
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, help="model bundle directory (default: the shipped one)")
+    parser.add_argument("--engine", default="auto", help="auto|torch|onnxruntime|tensorrt (default: auto)")
+    parser.add_argument("--device", default="auto", help="auto|cpu|cuda (default: auto)")
+    parser.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes (default 1)")
+    parser.add_argument("--threads-per-worker", type=int, help="threads per worker (default: cores / workers)")
+    parser.add_argument("--engine-threads", type=int, help="threads per inference call (default: cores left per thread)")
+    parser.add_argument("--scheduler", help="address of a running Dask scheduler instead of a LocalCluster")
+    parser.add_argument("--rows-per-unit", type=int, help="rows per unit of work (multiple of the store's blocks)")
+    parser.add_argument("--max-in-flight", type=int, help="units in flight at once (default 2 per worker thread)")
+    parser.add_argument("--retries", type=int, default=2, help="retries of a failing unit (default 2)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a different run in --output")
+    parser.add_argument("--no-catalog", action="store_true", help="skip building the HATS catalog")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="survey-infer", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a task over a survey store")
+    run.add_argument("task", help="task id (see `survey-infer bundles`)")
+    run.add_argument("--input", type=Path, required=True, help="input survey store (Zarr v3)")
+    run.add_argument("--output", type=Path, required=True, help="output directory")
+    _add_run_arguments(run)
+
+    mock = sub.add_parser("mock", help="write a mock survey store with its truth")
+    mock.add_argument("kind", choices=["cutouts"], help="store kind")
+    mock.add_argument("store", type=Path)
+    mock.add_argument("--n", type=int, default=1000)
+    mock.add_argument("--size", type=int, choices=[69, 128], default=69)
+    mock.add_argument("--seed", type=int, default=0)
+    mock.add_argument("--rows-per-unit", type=int, default=4096, help="rows per store block (one unit of work)")
+    mock.add_argument("--rows-per-batch", type=int, default=256, help="rows per inner chunk (one read)")
+    mock.add_argument("--overwrite", action="store_true")
+
+    train = sub.add_parser("train", help="train a bundle on simulated data (needs the training code)")
+    train.add_argument("task", choices=["mass_to_light"])
+    train.add_argument("--output", type=Path, required=True, help="directory to write the bundle into")
+    train.add_argument("--n-train", type=int, default=20000)
+    train.add_argument("--n-val", type=int, default=2000)
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--size", type=int, choices=[69, 128], default=69)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--name", default="base")
+    train.add_argument("--version", type=int, default=1)
+
+    export = sub.add_parser("export", help="export a bundle's model.onnx (deploy)")
+    export.add_argument("bundle", type=Path)
+
+    sub.add_parser("bundles", help="list the shipped model bundles")
+
+    demo = sub.add_parser("demo", help="mock a small survey and run every task on it with the shipped bundles")
+    demo.add_argument("--output", type=Path, default=Path("survey-infer-demo"))
+    demo.add_argument("--n", type=int, default=4000)
+    demo.add_argument("--workers", type=int, default=1)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from survey_infer.cluster import client_for
+    from survey_infer.config import RunConfig
+    from survey_infer.pipeline import plan_run, run_pipeline
+
+    config = RunConfig(
+        task=args.task, input=args.input, output=args.output, bundle=args.bundle, engine=args.engine,
+        device=args.device, workers=args.workers, threads_per_worker=args.threads_per_worker,
+        engine_threads=args.engine_threads, scheduler=args.scheduler, rows_per_unit=args.rows_per_unit,
+        max_in_flight=args.max_in_flight, retries=args.retries, overwrite=args.overwrite,
+        build_catalog=not args.no_catalog, progress=not args.no_progress,
+    )  # fmt: skip
+    plan = plan_run(config)
+    with client_for(config) as client:
+        result = run_pipeline(config, client, plan)
+    _print_run_summary(result.record, config.output)
+    return result.exit_code
+
+
+def _print_run_summary(record: dict, out_dir: Path) -> None:
+    units, rows, timings = record["units"], record["rows"], record["timings"]
+    engine = record.get("engine") or {}
+    print(f"{record['task']}: {record['status']}  units {units['done']}/{units['total']} done "
+          f"({units['skipped']} skipped, {units['failed']} failed)  rows in {rows['in']} out {rows['out']} "
+          f"flagged {rows['flagged']}  engine {engine.get('name') if isinstance(engine, dict) else engine}  "
+          f"{timings['rows_per_second']:.0f} rows/s")  # fmt: skip
+    for failure in record["failures"]:
+        print(f"  FAILED unit {failure['unit']} rows {failure['rows']}: {failure['error']}", file=sys.stderr)
+    if record.get("catalog", {}).get("error"):
+        print(f"  catalog build failed: {record['catalog']['error']}", file=sys.stderr)
+    print(f"  outputs: {out_dir}/parts, {out_dir}/catalog, {out_dir}/run.json")
+
+
+def cmd_mock(args: argparse.Namespace) -> int:
+    from training.mock import write_mock_cutouts
+
+    tick = time.time()
+    store = write_mock_cutouts(args.store, args.n, size=args.size, seed=args.seed, rows_per_unit=args.rows_per_unit,
+                               rows_per_batch=args.rows_per_batch, overwrite=args.overwrite)  # fmt: skip
+    print(f"wrote {args.n} cutouts to {store} (truth: {store}.truth.parquet) in {time.time() - tick:.1f} s")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from deploy.export import export_onnx
+    from training.train import train_mass_to_light
+
+    bundle_dir = train_mass_to_light(args.output, n_train=args.n_train, n_val=args.n_val, size=args.size,
+                                     epochs=args.epochs, seed=args.seed, name=args.name, version=args.version)  # fmt: skip
+    export_onnx(bundle_dir)
+    print(f"wrote bundle {bundle_dir}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from deploy.export import export_onnx
+
+    print(f"wrote {export_onnx(args.bundle)}")
+    return 0
+
+
+def cmd_bundles(args: argparse.Namespace) -> int:
+    from survey_infer.bundle import list_shipped_bundles
+
+    bundles = list_shipped_bundles()
+    if not bundles:
+        print("no bundles ship with this installation")
+    for bundle in bundles:
+        training = bundle.meta.get("training", {})
+        metrics = {k: training[k] for k in ("val_rmse", "val_r2") if k in training}
+        print(f"{bundle.id:32s} task={bundle.task:14s} files={','.join(sorted(bundle.meta['files']))} "
+              f"{json.dumps(metrics) if metrics else ''}  {bundle.path}")  # fmt: skip
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from survey_infer.demo import run_demo
+
+    return run_demo(args.output, n=args.n, workers=args.workers)
+
+
+COMMANDS = {"run": cmd_run, "mock": cmd_mock, "train": cmd_train, "export": cmd_export, "bundles": cmd_bundles,
+            "demo": cmd_demo}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except RefusedError as exc:
+        print(f"survey-infer: refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Dask clients for a run: an in-process LocalCluster by default, or a running scheduler's address."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+from distributed import Client, LocalCluster
+
+from survey_infer.config import RunConfig
+
+
+@contextlib.contextmanager
+def client_for(config: RunConfig) -> Iterator[Client]:
+    """A client for the run: connect to ``config.scheduler`` or start a LocalCluster of worker processes."""
+    if config.scheduler:
+        with Client(config.scheduler) as client:
+            yield client
+        return
+    cluster = LocalCluster(
+        n_workers=config.workers,
+        threads_per_worker=config.threads_per_worker,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    )
+    with cluster, Client(cluster) as client:
+        yield client

@@ -1,0 +1,72 @@
+"""The typed configuration of a run, checked on construction (the CLI builds one from its flags)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from survey_infer.engines.base import ENGINE_NAMES
+from survey_infer.errors import RefusedError
+
+DEFAULT_RETRIES = 2
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Defaults work out of the box on one machine.
+
+    workers / threads_per_worker: the in-process LocalCluster (ignored with ``scheduler``).
+    engine_threads: threads each inference call may use; by default the cores left per worker thread.
+    rows_per_unit: rows in one unit of work; a multiple of the store's row block (default: one block).
+    max_in_flight: units submitted but not finished at any time (default: 2 per worker thread).
+    """
+
+    task: str
+    input: Path
+    output: Path
+    bundle: Path | None = None
+    engine: str = "auto"
+    device: str = "auto"
+    workers: int = 1
+    threads_per_worker: int | None = None
+    engine_threads: int | None = None
+    scheduler: str | None = None
+    rows_per_unit: int | None = None
+    max_in_flight: int | None = None
+    retries: int = DEFAULT_RETRIES
+    overwrite: bool = False
+    build_catalog: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.input = Path(self.input)
+        self.output = Path(self.output)
+        self.bundle = Path(self.bundle) if self.bundle is not None else None
+        if self.engine not in ENGINE_NAMES:
+            raise RefusedError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINE_NAMES)}")
+        for name in ("workers", "threads_per_worker", "engine_threads", "rows_per_unit", "max_in_flight"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise RefusedError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.retries < 0:
+            raise RefusedError(f"--retries must be >= 0, got {self.retries}")
+        if self.threads_per_worker is None:
+            self.threads_per_worker = max(1, available_cores() // self.workers)
+
+    def resolved_engine_threads(self) -> int:
+        """Threads per inference call: the local cores shared out across every worker thread."""
+        if self.engine_threads:
+            return self.engine_threads
+        return max(1, available_cores() // (self.workers * self.threads_per_worker))
+
+    def resolved_max_in_flight(self) -> int:
+        return self.max_in_flight or 2 * self.workers * self.threads_per_worker
+
+    def to_record(self) -> dict:
+        record = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in record.items()}

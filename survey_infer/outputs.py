@@ -1,0 +1,128 @@
+"""Writing a run's outputs: Parquet parts (atomic), done markers, and the run record."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from survey_infer import paths
+from survey_infer.bundle import write_json_atomic
+from survey_infer.errors import RefusedError
+from survey_infer.tasks.base import OutputColumn
+
+BASE_COLUMNS = [
+    OutputColumn("object_id", "int64", "", "object identifier from the input store"),
+    OutputColumn("ra", "float64", "deg", "right ascension (ICRS)"),
+    OutputColumn("dec", "float64", "deg", "declination (ICRS)"),
+]
+
+
+def catalog_schema(task_columns: list[OutputColumn], bundle_id: str, task: str) -> pa.Schema:
+    """The schema of every part: ids and position, the task's outputs, flags, bundle id; units in metadata."""
+    fields = [c.field() for c in BASE_COLUMNS + task_columns]
+    fields += [
+        pa.field("flag", pa.int32(), metadata={"unit": "", "description": "bit flags, see flag_reason"}),
+        pa.field("flag_reason", pa.string(), metadata={"unit": "", "description": "comma-separated flag names"}),
+        pa.field("bundle_id", pa.string(), metadata={"unit": "", "description": "model bundle that made the row"}),
+    ]
+    units = {f.name: (f.metadata or {}).get(b"unit", b"").decode() for f in fields}
+    return pa.schema(fields, metadata={"survey_infer": json.dumps({"task": task, "bundle": bundle_id, "units": units})})
+
+
+def write_part_atomic(out_dir: Path, unit_index: int, table: pa.Table) -> Path:
+    """Write a unit's Parquet part to a temp file and rename it into place (never a half-written part)."""
+    final = paths.part_path(out_dir, unit_index)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, final)
+    return final
+
+
+def write_done_marker(out_dir: Path, unit_index: int, summary: dict[str, Any]) -> None:
+    write_json_atomic(paths.done_marker_path(out_dir, unit_index), summary)
+
+
+def read_done_marker(out_dir: Path, unit_index: int) -> dict[str, Any] | None:
+    """A unit's done marker, or None when the unit must (re)run: no marker, unreadable, or no part file."""
+    marker = paths.done_marker_path(out_dir, unit_index)
+    if not marker.is_file() or not paths.part_path(out_dir, unit_index).is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_run_record(out_dir: Path) -> dict[str, Any] | None:
+    record = paths.run_record_path(out_dir)
+    if not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def write_run_record(out_dir: Path, record: dict[str, Any]) -> None:
+    write_json_atomic(paths.run_record_path(out_dir), _jsonable(record))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def check_output_dir(out_dir: Path, identity: dict[str, str], overwrite: bool) -> bool:
+    """Refuse an output path that is a file or holds another run; return True when resuming this run.
+
+    ``identity`` names the input and bundle (their fingerprints). Nothing is changed here: clearing a
+    directory for ``--overwrite`` happens in `prepare_output_dir`, after every other check has passed.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RefusedError(f"output path {out_dir} is a file; a directory was expected")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return False
+    previous = read_run_record(out_dir)
+    if previous is None:
+        if overwrite:
+            return False
+        raise RefusedError(f"output directory {out_dir} is not empty and holds no {paths.RUN_RECORD}; "
+                           "give an empty or new directory, or --overwrite")  # fmt: skip
+    same = previous.get("identity") == identity
+    if same and not overwrite:
+        return True
+    if not same and not overwrite:
+        differs = [k for k in identity if previous.get("identity", {}).get(k) != identity[k]]
+        raise RefusedError(
+            f"output directory {out_dir} holds a run of a different {' and '.join(differs)}; "
+            "use another directory or --overwrite to replace it"
+        )
+    return False
+
+
+def prepare_output_dir(out_dir: Path, resume: bool) -> None:
+    """Create the output layout; without ``resume``, clear what a previous run left."""
+    if not resume and out_dir.exists():
+        for name in (paths.PARTS_DIR, paths.DONE_DIR, paths.CATALOG_DIR, paths.RUN_RECORD):
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    for sub in (paths.PARTS_DIR, paths.DONE_DIR):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)

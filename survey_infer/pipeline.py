@@ -1,0 +1,209 @@
+"""The batch job: validate, plan the units, stream them through a Dask cluster, record the run.
+
+`run_pipeline(config, client)` takes a `distributed.Client`, so the same code runs in tests, on a GPU node
+and on a batch cluster. Everything that can refuse the job (task, engine, bundle, store, output directory)
+is checked before anything is written. Units that already have a done marker are skipped, so a killed run
+started again finishes with every input row exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from distributed import Client, as_completed
+from tqdm import tqdm
+
+import survey_infer
+from survey_infer import paths
+from survey_infer.bundle import Bundle, default_bundle_path, load_bundle
+from survey_infer.config import RunConfig
+from survey_infer.errors import RefusedError, StoreError
+from survey_infer.outputs import (
+    check_output_dir,
+    prepare_output_dir,
+    read_done_marker,
+    write_run_record,
+)
+from survey_infer.store import CutoutStoreInfo, open_cutouts
+from survey_infer.tasks import get_task
+from survey_infer.worker import PLUGIN_NAME, EngineKey, EnginePlugin, UnitSpec, process_unit
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+
+
+@dataclass
+class RunPlan:
+    """A validated job: its bundle, store, units and which of them are already done."""
+
+    config: RunConfig
+    bundle: Bundle
+    store: CutoutStoreInfo
+    spec: UnitSpec
+    identity: dict[str, str]
+    resume: bool
+    n_units: int
+    done: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def todo(self) -> list[int]:
+        return [u for u in range(self.n_units) if u not in self.done]
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    record: dict[str, Any]
+
+
+def _rows_per_unit(config: RunConfig, info: CutoutStoreInfo) -> int:
+    rows = config.rows_per_unit or info.rows_per_block
+    if rows % info.rows_per_block:
+        raise RefusedError(
+            f"--rows-per-unit {rows} is not a multiple of the store's {info.rows_per_block}-row blocks "
+            f"(array 'images' in {info.path}); units must not share a block"
+        )
+    return rows
+
+
+def plan_run(config: RunConfig) -> RunPlan:
+    """Check everything that can refuse the job and decide which units are left; writes nothing."""
+    task = get_task(config.task)
+    bundle = load_bundle(config.bundle or default_bundle_path(task.name), task=task.name)
+    info = open_cutouts(config.input) if task.store_kind == "cutouts" else None
+    if info is None:
+        raise StoreError(f"task {task.name} needs a {task.store_kind!r} store, which this version cannot read")
+    task.check_store(info, bundle)
+    rows_per_unit = _rows_per_unit(config, info)
+    identity = {"input": info.fingerprint(), "bundle": bundle.sha256()}
+    resume = check_output_dir(config.output, identity, config.overwrite)
+    engine_key = EngineKey(str(bundle.path.resolve()), config.engine, config.resolved_engine_threads(), config.device)
+    spec = UnitSpec(
+        task=task.name, store=str(info.path.resolve()), out_dir=str(config.output.resolve()),
+        engine_key=engine_key, n_rows=info.n_rows, rows_per_unit=rows_per_unit,
+        rows_per_read=min(info.rows_per_read, rows_per_unit), columns=tuple(task.input_columns(bundle)),
+        available_columns=tuple(info.columns),
+    )  # fmt: skip
+    n_units = -(-info.n_rows // rows_per_unit)
+    plan = RunPlan(config, bundle, info, spec, identity, resume, n_units)
+    if resume:
+        for unit in range(n_units):
+            marker = read_done_marker(config.output, unit)
+            if marker is not None and marker.get("rows") == spec.rows(unit)[1] - spec.rows(unit)[0]:
+                plan.done[unit] = marker
+    return plan
+
+
+def _base_record(plan: RunPlan, started: float) -> dict[str, Any]:
+    config = plan.config
+    return {
+        "status": "running",
+        "task": plan.spec.task,
+        "identity": plan.identity,
+        "bundle": {"id": plan.bundle.id, "sha256": plan.identity["bundle"], "path": str(plan.bundle.path.resolve()),
+                   "files": plan.bundle.meta["files"]},
+        "input": {"path": str(plan.store.path.resolve()), "kind": "cutouts", "rows": plan.store.n_rows,
+                  "image_shape": list(plan.store.image_shape), "fingerprint": plan.identity["input"]},
+        "config": config.to_record(),
+        "code_version": survey_infer.__version__,
+        "python": sys.version.split()[0],
+        "host": platform.node(),
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+    }  # fmt: skip
+
+
+def _submit_bounded(
+    client: Client, plan: RunPlan, on_done: Callable[[int, dict | None, str | None], None]
+) -> None:
+    """Submit the units left with at most ``max_in_flight`` unfinished; report each as it ends."""
+    todo = iter(plan.todo)
+    limit = plan.config.resolved_max_in_flight()
+    token = plan.identity["input"][:8] + plan.identity["bundle"][:8]
+
+    def submit(unit: int):
+        future = client.submit(process_unit, plan.spec, unit, key=f"survey-infer-{token}-{paths.unit_name(unit)}",
+                               retries=plan.config.retries, pure=False)  # fmt: skip
+        future.unit = unit
+        return future
+
+    pending = as_completed([submit(u) for _, u in zip(range(limit), todo)], with_results=False)
+    for future in pending:
+        if future.status == "finished":
+            on_done(future.unit, future.result(), None)
+        else:
+            error = future.exception()
+            on_done(future.unit, None, f"{type(error).__name__}: {error}")
+        future.release()
+        next_unit = next(todo, None)
+        if next_unit is not None:
+            pending.add(submit(next_unit))
+
+
+def run_pipeline(config: RunConfig, client: Client, plan: RunPlan | None = None) -> RunResult:
+    """Run the job on ``client``; return the exit code (0 done, 1 some unit failed) and the run record."""
+    started = time.time()
+    plan = plan or plan_run(config)
+    prepare_output_dir(config.output, plan.resume)
+    record = _base_record(plan, started)
+    write_run_record(config.output, record)
+
+    client.register_plugin(EnginePlugin(plan.spec.engine_key), name=PLUGIN_NAME)
+    summaries: dict[int, dict] = {}
+    failures: list[dict[str, Any]] = []
+    bar = tqdm(total=plan.n_units, initial=len(plan.done), unit="unit", desc=f"{plan.spec.task}",
+               disable=not config.progress, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+
+    def on_done(unit: int, summary: dict | None, error: str | None) -> None:
+        if summary is not None:
+            summaries[unit] = summary
+        else:
+            failures.append({"unit": unit, "rows": list(plan.spec.rows(unit)), "error": error})
+            log.error("unit %s failed after %d retries: %s", unit, config.retries, error)
+        bar.update(1)
+
+    units_started = time.time()
+    _submit_bounded(client, plan, on_done)
+    bar.close()
+    units_seconds = time.time() - units_started
+
+    catalog_seconds = 0.0
+    catalog_error = None
+    if config.build_catalog and not failures:
+        from survey_infer.hats_catalog import build_hats_catalog
+
+        tick = time.time()
+        try:
+            build_hats_catalog(config.output, client, progress=False)
+        except Exception as exc:  # recorded, and the exit status says so
+            catalog_error = f"{type(exc).__name__}: {exc}"
+        catalog_seconds = time.time() - tick
+
+    finished = {**plan.done, **summaries}
+    rows_out = sum(s["rows"] for s in finished.values())
+    engines = {s["engine"]["name"]: s["engine"] for s in summaries.values()}
+    ok = not failures and catalog_error is None
+    record.update(
+        status="complete" if ok else "failed",
+        engine=next(iter(engines.values())) if len(engines) == 1 else (list(engines.values()) or None),
+        units={"total": plan.n_units, "done": len(finished), "failed": len(failures), "skipped": len(plan.done),
+               "ran": len(summaries)},
+        rows={"in": plan.store.n_rows, "out": rows_out, "flagged": sum(s["flagged"] for s in finished.values())},
+        failures=failures,
+        catalog={"path": str(paths.catalog_path(config.output)) if config.build_catalog and ok else None,
+                 "error": catalog_error},
+        timings={"seconds": round(time.time() - started, 3), "units_seconds": round(units_seconds, 3),
+                 "catalog_seconds": round(catalog_seconds, 3),
+                 "rows_per_second": round(sum(s["rows"] for s in summaries.values()) / max(units_seconds, 1e-9), 1),
+                 "worker_infer_seconds": round(sum(s["infer_seconds"] for s in summaries.values()), 3)},
+        finished=datetime.now(timezone.utc).isoformat(),
+    )  # fmt: skip
+    write_run_record(config.output, record)
+    return RunResult(EXIT_OK if ok else EXIT_FAILED, record)
