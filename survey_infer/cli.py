@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("distributed", "hats_import", "lsdb"):  # their INFO chatter drowns the progress bar
+        logging.getLogger(noisy).setLevel(level if verbose else logging.ERROR)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

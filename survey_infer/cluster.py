@@ -22,7 +22,7 @@ def client_for(config: RunConfig) -> Iterator[Client]:
         n_workers=config.workers,
         threads_per_worker=config.threads_per_worker,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",  # a free port: never clash with another run
         silence_logs=logging.ERROR,
     )
     with cluster, Client(cluster) as client:
