@@ -106,7 +106,7 @@ def create_cutouts_store(
         shards=(rows_per_unit, *image_shape),
         dtype=image_dtype,
         compressors=_compressor(),
-        fill_value=np.nan,
+        fill_value=np.nan if np.dtype(image_dtype).kind == "f" else 0,  # unwritten rows read as NaN: flagged
     )
     for name, dtype in {**REQUIRED_COLUMNS, **columns}.items():
         dtype = np.dtype(dtype)
