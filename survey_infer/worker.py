@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -39,6 +40,7 @@ class EngineKey:
 # One loaded (bundle, engine) per key per worker process, shared by the worker's threads.
 _LOADED: dict[EngineKey, tuple[Bundle, Engine]] = {}
 _LOAD_LOCK = threading.Lock()
+ENGINE_LOADS: Counter[EngineKey] = Counter()  # how often each engine was built in this process
 
 
 def loaded_engine(key: EngineKey) -> tuple[Bundle, Engine]:
@@ -47,6 +49,7 @@ def loaded_engine(key: EngineKey) -> tuple[Bundle, Engine]:
         if key not in _LOADED:
             bundle = load_bundle(key.bundle_path)
             _LOADED[key] = (bundle, make_engine(key.engine, bundle, threads=key.threads, device=key.device))
+            ENGINE_LOADS[key] += 1
         return _LOADED[key]
 
 
