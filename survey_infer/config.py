@@ -59,9 +59,14 @@ class RunConfig:
             self.threads_per_worker = max(1, available_cores() // self.workers)
 
     def resolved_engine_threads(self) -> int:
-        """Threads per inference call: the local cores shared out across every worker thread."""
+        """Threads per inference call: the local cores shared out across every worker thread.
+
+        0 means "let each worker decide" (a remote scheduler: the client cannot see the workers' cores).
+        """
         if self.engine_threads:
             return self.engine_threads
+        if self.scheduler:
+            return 0
         return max(1, available_cores() // (self.workers * self.threads_per_worker))
 
     def resolved_max_in_flight(self) -> int:

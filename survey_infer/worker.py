@@ -17,9 +17,10 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-from distributed import WorkerPlugin
+from distributed import WorkerPlugin, get_worker
 
 from survey_infer.bundle import Bundle, load_bundle
+from survey_infer.config import available_cores
 from survey_infer.engines import Engine, make_engine
 from survey_infer.flags import flag_reasons
 from survey_infer.outputs import catalog_schema, write_done_marker, write_part_atomic
@@ -43,14 +44,23 @@ _LOAD_LOCK = threading.Lock()
 ENGINE_LOADS: Counter[EngineKey] = Counter()  # how often each engine was built in this process
 
 
-def loaded_engine(key: EngineKey) -> tuple[Bundle, Engine]:
+def loaded_engine(key: EngineKey, worker_threads: int | None = None) -> tuple[Bundle, Engine]:
     """The worker's engine for ``key``, loading it (and verifying the bundle) the first time only."""
     with _LOAD_LOCK:
         if key not in _LOADED:
             bundle = load_bundle(key.bundle_path)
-            _LOADED[key] = (bundle, make_engine(key.engine, bundle, threads=key.threads, device=key.device))
+            threads = key.threads or max(1, available_cores() // (worker_threads or _worker_threads()))
+            _LOADED[key] = (bundle, make_engine(key.engine, bundle, threads=threads, device=key.device))
             ENGINE_LOADS[key] += 1
         return _LOADED[key]
+
+
+def _worker_threads() -> int:
+    """Threads of the worker running this task (1 outside a worker)."""
+    try:
+        return get_worker().state.nthreads
+    except ValueError:
+        return 1
 
 
 class EnginePlugin(WorkerPlugin):
@@ -62,7 +72,7 @@ class EnginePlugin(WorkerPlugin):
         self.key = key
 
     def setup(self, worker) -> None:
-        loaded_engine(self.key)
+        loaded_engine(self.key, worker.state.nthreads)
 
 
 @dataclass(frozen=True)
