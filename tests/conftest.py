@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 
 from survey_infer.bundle import sha256_file, write_json_atomic
 from survey_infer.models import build_model
-from training.mock import write_mock_cutouts
 
 TINY_KWARGS = {"in_channels": 1, "n_meta": 3, "width": 4, "hidden": 16}
 
@@ -47,6 +46,8 @@ def tiny_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_store(tmp_path_factory) -> Path:
     """600 mock cutouts in 5 units of 128 rows (the last one short), read 64 rows at a time."""
+    from training.mock import write_mock_cutouts  # here, not at the top: GPU-only runs lack zarr
+
     store = tmp_path_factory.mktemp("stores") / "small.zarr"
     return write_mock_cutouts(store, 600, size=69, seed=11, rows_per_unit=128, rows_per_batch=64)
 
