@@ -25,6 +25,10 @@ class TorchEngine(Engine):
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         self.half = half and self.device.type == "cuda"
+        if self.device.type == "cuda" and not self.half:
+            # float32 means float32: TF32 convolutions would drift ~1e-3 from the reference numbers
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         model = bundle.build_torch_model().to(self.device)
         self.model = model.half() if self.half else model
 
