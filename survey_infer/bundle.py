@@ -38,6 +38,7 @@ def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
     with os.fdopen(fd, "w") as handle:
         json.dump(document, handle, indent=2, sort_keys=False)
         handle.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; records and bundles are for every user to read
     os.replace(tmp, path)
 
 
