@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    import distributed  # noqa: F401  (it sets its loggers' levels on import: import first, then quiet them)
+
     for noisy in ("distributed", "hats_import", "lsdb"):  # their INFO chatter drowns the progress bar
         logging.getLogger(noisy).setLevel(level if verbose else logging.ERROR)
 
