@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--name", default="base")
     train.add_argument("--version", type=int, default=1)
+    train.add_argument("--width", type=int, default=32, help="channels of the first convolution (default 32)")
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--time-budget", type=float, help="seconds: start no epoch that would end later")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
 
     export = sub.add_parser("export", help="export a bundle's model.onnx (deploy)")
     export.add_argument("bundle", type=Path)
@@ -136,7 +140,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.train import train_mass_to_light
 
     bundle_dir = train_mass_to_light(args.output, n_train=args.n_train, n_val=args.n_val, size=args.size,
-                                     epochs=args.epochs, seed=args.seed, name=args.name, version=args.version)  # fmt: skip
+                                     epochs=args.epochs, seed=args.seed, name=args.name, version=args.version,
+                                     width=args.width, batch_size=args.batch_size, time_budget_s=args.time_budget,
+                                     overwrite=args.overwrite)  # fmt: skip
     export_onnx(bundle_dir)
     print(f"wrote bundle {bundle_dir}")
     return 0

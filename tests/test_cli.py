@@ -51,3 +51,16 @@ def test_demo_runs_the_main_job_on_the_mock_survey(tmp_path):
     record = json.loads((tmp_path / "demo" / "mass_to_light" / "run.json").read_text())
     assert record["rows"] == {"in": 600, "out": 600, "flagged": record["rows"]["flagged"]}
     assert record["status"] == "complete"
+
+
+def test_train_writes_a_bundle_that_run_uses(tmp_path, small_store):
+    assert main(["train", "mass_to_light", "--output", str(tmp_path / "bundles"), "--n-train", "128", "--n-val",
+                 "64", "--epochs", "1", "--width", "4", "--name", "unit", "--batch-size", "32"]) == 0  # fmt: skip
+    bundle = tmp_path / "bundles" / "mass_to_light-unit-v1"
+    assert {"bundle.json", "weights.safetensors", "model.onnx"} <= {p.name for p in bundle.iterdir()}
+    code = main(["run", "mass_to_light", "--input", str(small_store), "--output", str(tmp_path / "out"),
+                 "--bundle", str(bundle), "--engine", "onnxruntime", "--no-progress", "--no-catalog"])  # fmt: skip
+    assert code == 0
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["bundle"]["id"] == "mass_to_light-unit-v1" and record["engine"]["name"] == "onnxruntime"
+    assert record["rows"]["out"] == 600
