@@ -50,3 +50,9 @@ def test_onnxruntime_cuda_matches_cpu(setup):
     except EngineUnavailable as exc:
         pytest.skip(str(exc))
     check(engine.run(inputs), expected, FP32_TOLERANCE)
+
+
+def test_auto_picks_an_engine_that_uses_the_gpu(setup):
+    bundle, _, _ = setup
+    engine = make_engine("auto", bundle)
+    assert engine.uses_gpu, engine.describe()

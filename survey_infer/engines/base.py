@@ -44,6 +44,10 @@ class Engine:
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    @property
+    def uses_gpu(self) -> bool:
+        return False
+
     def describe(self) -> dict:
         """What the run record says about this engine."""
         return {"name": self.name}
@@ -68,13 +72,25 @@ def make_engine(name: str, bundle: Bundle, *, threads: int | None = None, device
     from survey_infer.tasks import get_task
 
     probe = get_task(bundle.task).example_inputs(bundle, 2)
-    reasons = []
+    want_gpu = device != "cpu" and _cuda_visible()
+    reasons, cpu_fallback = [], None
     for candidate in AUTO_ORDER:
         try:
             engine = _load_class(candidate)(bundle, threads=threads, device=device)
             engine.run(probe)
-            return engine
         except EngineUnavailable as exc:
             reasons.append(f"{candidate}: {exc}")
             log.info("engine %s unavailable: %s", candidate, exc)
+            continue
+        if engine.uses_gpu or not want_gpu:
+            return engine
+        cpu_fallback = cpu_fallback or engine  # a GPU is there: keep looking for an engine that uses it
+    if cpu_fallback is not None:
+        return cpu_fallback
     raise EngineUnavailable("no engine works here: " + "; ".join(reasons))
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

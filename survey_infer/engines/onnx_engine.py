@@ -37,5 +37,9 @@ class OnnxRuntimeEngine(Engine):
         outputs = self.session.run(self.output_names, feed)
         return dict(zip(self.output_names, outputs))
 
+    @property
+    def uses_gpu(self) -> bool:
+        return "CUDAExecutionProvider" in self.providers
+
     def describe(self) -> dict:
         return {"name": self.name, "providers": self.providers, "onnxruntime": self.version}

@@ -39,6 +39,10 @@ class TorchEngine(Engine):
         outputs = self.model(*tensors)
         return {name: out.float().cpu().numpy() for name, out in zip(self.output_names, outputs)}
 
+    @property
+    def uses_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
     def describe(self) -> dict:
         return {"name": self.name, "device": str(self.device), "precision": "fp16" if self.half else "fp32",
                 "torch": torch.__version__}
