@@ -100,20 +100,24 @@ def prefetched(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
     stop = threading.Event()
     done = object()
 
+    def put(entry: tuple) -> bool:
+        """Hand one entry over; False once the consumer has gone (so this thread never blocks forever)."""
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put((None, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((None, item)):
                     return
-            buffer.put((None, done))
+            put((None, done))
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            buffer.put((exc, None))
+            put((exc, None))
 
     thread = threading.Thread(target=produce, daemon=True, name="survey-infer-prefetch")
     thread.start()
