@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -348,26 +347,6 @@ def measure_bare(engine_name: str, bundle_dir: Path, inputs, batch: int, threads
 # ---------------------------------------------------------------------------------------------- pipeline
 
 
-@contextlib.contextmanager
-def _client(args: argparse.Namespace, config):
-    """survey_infer.cluster.client_for, or (--in-process-cluster, an experiment) the same LocalCluster with
-    processes=False: scheduler, worker threads and client in this one process, no nanny, no TCP."""
-    from survey_infer.cluster import client_for
-
-    if not args.in_process_cluster:
-        with client_for(config) as client:
-            yield client
-        return
-    import logging
-
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=config.workers, threads_per_worker=config.threads_per_worker, processes=False,
-                           dashboard_address=":0", silence_logs=logging.ERROR)  # fmt: skip
-    with cluster, Client(cluster) as client:
-        yield client
-
-
 def run_whole_pipeline(args, store: Path, bundle_dir: Path, engine: str, out_dir: Path) -> dict:
     from survey_infer.config import RunConfig
     from survey_infer.pipeline import plan_run, run_pipeline
@@ -378,6 +357,7 @@ def run_whole_pipeline(args, store: Path, bundle_dir: Path, engine: str, out_dir
         task=TASK, input=store, output=out_dir, bundle=bundle_dir, engine=engine, device="cpu",
         workers=args.workers, threads_per_worker=args.threads_per_worker, engine_threads=args.engine_threads,
         rows_per_unit=args.rows_per_unit, max_in_flight=args.max_in_flight, build_catalog=False, progress=False,
+        in_process=args.in_process,
     )  # fmt: skip
     wall_start = time.perf_counter()
     plan = plan_run(config)
@@ -385,10 +365,9 @@ def run_whole_pipeline(args, store: Path, bundle_dir: Path, engine: str, out_dir
                     "engine_threads": config.resolved_engine_threads(),
                     "max_in_flight": config.resolved_max_in_flight(), "n_units": plan.n_units,
                     "rows_per_unit": plan.spec.rows_per_unit, "rows_per_read": plan.spec.rows_per_read}  # fmt: skip
-    import dask
+    from survey_infer.cluster import client_for
 
-    settings = {} if args.dask_profiler else {"distributed.worker.profile.enabled": False}
-    with dask.config.set(settings), _client(args, config) as client:  # the workers copy the config at start
+    with client_for(config) as client:
         client.wait_for_workers(config.workers)
         result["cluster_start_s"] = time.perf_counter() - wall_start
         monitor = CpuMonitor()
@@ -442,12 +421,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-recheck", dest="recheck", action="store_false",
                    help="do not measure the best bare engine again after the pipeline (the reference is then "
                    "the measurement before it alone)")
-    p.add_argument("--no-dask-profiler", dest="dask_profiler", action="store_false",
-                   help="start the LocalCluster with distributed.worker.profile.enabled=False (the workers' 10 ms "
-                   "statistical profiler costs ~2%% of 2 cores)")
-    p.add_argument("--in-process-cluster", action="store_true",
-                   help="experiment: LocalCluster(processes=False) built here instead of client_for's worker "
-                   "processes (saves ~70 us of CPU per cutout on 2 cores)")
+    p.add_argument("--in-process", action="store_true",
+                   help="RunConfig.in_process: the LocalCluster's workers as threads of this process (saves ~70 us "
+                   "of CPU per cutout on 2 cores; no fault isolation)")
     p.add_argument("--no-catalog", dest="catalog", action="store_false", help="skip the (separately timed) catalog")
     p.add_argument("--no-pipeline", dest="pipeline", action="store_false", help="bare engines only")
     p.add_argument("--wait-idle", type=float, default=0.0, help="before each measurement, wait up to this many "
@@ -526,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"pipeline    engine {pipe['engine']}, workers {args.workers}, threads/worker "
                      f"{pipe['threads_per_worker']}, engine threads {pipe['engine_threads']}, max in flight "
                      f"{pipe['max_in_flight']}")  # fmt: skip
-        cluster = "LocalCluster(processes=False), in process" if args.in_process_cluster else "client_for (processes)"
-        lines.append(f"            cluster {cluster}, dask worker profiler {'on' if args.dask_profiler else 'off'}")
+        cluster = "in process (--in-process)" if args.in_process else "worker processes (default)"
+        lines.append(f"            LocalCluster via client_for: {cluster}, dask worker profiler off")
         lines.append(f"            {pipe['n_units']} units of {pipe['rows_per_unit']} rows, read "
                      f"{pipe['rows_per_read']} rows at a time; status {pipe['status']} (exit {pipe['exit_code']})")
         for failure in pipe["failures"]:

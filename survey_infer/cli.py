@@ -25,6 +25,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda (default: auto)")
     parser.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes (default 1)")
     parser.add_argument("--threads-per-worker", type=int, help="threads per worker (default: cores / workers)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="LocalCluster workers as threads of this process: faster, no fault isolation")
     parser.add_argument("--engine-threads", type=int, help="threads per inference call (default: cores left per thread)")
     parser.add_argument("--scheduler", help="address of a running Dask scheduler instead of a LocalCluster")
     parser.add_argument("--rows-per-unit", type=int, help="rows per unit of work (multiple of the store's blocks)")
@@ -99,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = RunConfig(
         task=args.task, input=args.input, output=args.output, bundle=args.bundle, engine=args.engine,
-        device=args.device, workers=args.workers, threads_per_worker=args.threads_per_worker,
+        device=args.device, workers=args.workers, threads_per_worker=args.threads_per_worker, in_process=args.in_process,
         engine_threads=args.engine_threads, scheduler=args.scheduler, rows_per_unit=args.rows_per_unit,
         max_in_flight=args.max_in_flight, retries=args.retries, overwrite=args.overwrite,
         build_catalog=not args.no_catalog, progress=not args.no_progress,

@@ -20,7 +20,10 @@ def available_cores() -> int:
 class RunConfig:
     """Everything a run needs. Defaults work out of the box on one machine.
 
-    workers / threads_per_worker: the in-process LocalCluster (ignored with ``scheduler``).
+    workers / threads_per_worker: the LocalCluster (ignored with ``scheduler``).
+    in_process: run the LocalCluster's workers as threads of this process: less overhead (pipeline/engine
+        throughput 1.00 against 0.88 on 2 cores, bench/README.md) but no fault isolation: a crashing worker
+        takes the run down with it (finished units are kept; run the command again to resume).
     engine_threads: threads each inference call may use; by default the cores left per worker thread.
     rows_per_unit: rows in one unit of work; a multiple of the store's row block (default: one block).
     max_in_flight: units submitted but not finished at any time (default: 2 per worker thread).
@@ -34,6 +37,7 @@ class RunConfig:
     device: str = "auto"
     workers: int = 1
     threads_per_worker: int | None = None
+    in_process: bool = False
     engine_threads: int | None = None
     scheduler: str | None = None
     rows_per_unit: int | None = None

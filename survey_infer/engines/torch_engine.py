@@ -16,6 +16,9 @@ def resolve_torch_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+CPU_SUB_BATCH = 32
+
+
 class TorchEngine(Engine):
     name = "torch"
 
@@ -30,14 +33,30 @@ class TorchEngine(Engine):
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         model = bundle.build_torch_model().to(self.device)
+        if self.device.type == "cpu":
+            # channels-last convolutions on small sub-batches are ~3x faster on CPU (bench/README.md)
+            model = model.to(memory_format=torch.channels_last)
         self.model = model.half() if self.half else model
+        self.sub_batch = CPU_SUB_BATCH if self.device.type == "cpu" else None
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
+        return tensor.contiguous(memory_format=torch.channels_last) if tensor.ndim == 4 else tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self.half else torch.float32
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        dtype = torch.float16 if self.half else torch.float32
-        tensors = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device, dtype) for n in self.input_names]
-        outputs = self.model(*tensors)
-        return {name: out.float().cpu().numpy() for name, out in zip(self.output_names, outputs)}
+        n_rows = len(inputs[self.input_names[0]])
+        step = self.sub_batch or max(n_rows, 1)
+        pieces: list[list[np.ndarray]] = [[] for _ in self.output_names]
+        for start in range(0, n_rows, step):
+            outputs = self.model(*[self._tensor(inputs[n][start : start + step]) for n in self.input_names])
+            for piece, out in zip(pieces, outputs):
+                piece.append(out.float().cpu().numpy())
+        return {name: np.concatenate(piece) for name, piece in zip(self.output_names, pieces)}
 
     @property
     def uses_gpu(self) -> bool:
