@@ -64,3 +64,16 @@ def test_train_writes_a_bundle_that_run_uses(tmp_path, small_store):
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     assert record["bundle"]["id"] == "mass_to_light-unit-v1" and record["engine"]["name"] == "onnxruntime"
     assert record["rows"]["out"] == 600
+
+
+def test_in_process_cluster_gives_the_same_rows(tmp_path, small_store, tiny_bundle):
+    argv = ["run", "mass_to_light", "--input", str(small_store), "--bundle", str(tiny_bundle), "--engine", "torch",
+            "--no-progress", "--no-catalog"]  # fmt: skip
+    assert main(argv + ["--output", str(tmp_path / "procs")]) == 0
+    assert main(argv + ["--output", str(tmp_path / "inproc"), "--in-process"]) == 0
+    by_process = pq.read_table(tmp_path / "procs" / "parts").to_pandas().sort_values("object_id")
+    in_process = pq.read_table(tmp_path / "inproc" / "parts").to_pandas().sort_values("object_id")
+    assert len(in_process) == 600
+    np.testing.assert_allclose(in_process["ml_g"], by_process["ml_g"], rtol=1e-6)
+    record = json.loads((tmp_path / "inproc" / "run.json").read_text())
+    assert record["config"]["in_process"] is True
