@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
 from survey_infer import paths
 from survey_infer.bundle import write_json_atomic
@@ -95,7 +97,7 @@ def check_output_dir(out_dir: Path, identity: dict[str, str], overwrite: bool) -
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise RefusedError(f"output path {out_dir} is a file; a directory was expected")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    if not out_dir.exists() or not [p for p in out_dir.iterdir() if p.name != paths.RUN_LOCK]:
         return False
     previous = read_run_record(out_dir)
     if previous is None:
@@ -113,6 +115,21 @@ def check_output_dir(out_dir: Path, identity: dict[str, str], overwrite: bool) -
             "use another directory or --overwrite to replace it"
         )
     return False
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir/run.lock`` for the run; refuse (exit 2) while another run holds it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out_dir / paths.RUN_LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        raise RefusedError(f"another survey-infer run is writing to {out_dir} (it holds {lock.lock_file})") from exc
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def prepare_output_dir(out_dir: Path, resume: bool) -> None:

@@ -27,6 +27,7 @@ from survey_infer.config import RunConfig
 from survey_infer.errors import RefusedError, StoreError
 from survey_infer.outputs import (
     check_output_dir,
+    output_lock,
     prepare_output_dir,
     read_done_marker,
     write_run_record,
@@ -37,7 +38,7 @@ from survey_infer.worker import PLUGIN_NAME, EngineKey, EnginePlugin, UnitSpec, 
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1
 
 
 @dataclass
@@ -148,9 +149,20 @@ def _submit_bounded(
 
 
 def run_pipeline(config: RunConfig, client: Client, plan: RunPlan | None = None) -> RunResult:
-    """Run the job on ``client``; return the exit code (0 done, 1 some unit failed) and the run record."""
+    """Run the job on ``client``; return the exit code (0 done, 1 some unit failed) and the run record.
+
+    ``plan``, from an earlier `plan_run(config)`, says the job was already checked (the CLI checks before it
+    starts a cluster); without it, the job is checked here before the output directory is touched.
+    """
     started = time.time()
-    plan = plan or plan_run(config)
+    if plan is None:
+        plan_run(config)
+    with output_lock(config.output):
+        # Plan again under the lock: another run may have finished units since ``plan`` was made.
+        return _run_locked(config, client, plan_run(config), started)
+
+
+def _run_locked(config: RunConfig, client: Client, plan: RunPlan, started: float) -> RunResult:
     prepare_output_dir(config.output, plan.resume)
     record = _base_record(plan, started)
     write_run_record(config.output, record)

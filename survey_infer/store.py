@@ -10,7 +10,6 @@ time, so reading the next batch overlaps inference of the current one.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -218,18 +217,3 @@ def iter_image_batches(path: Path, start: int, stop: int, rows_per_read: int) ->
     for batch_start in range(start, stop, rows_per_read):
         batch_stop = min(batch_start + rows_per_read, stop)
         yield batch_start - start, np.ascontiguousarray(images[batch_start:batch_stop], dtype=np.float32)
-
-
-def describe_store(path: str | Path) -> str:
-    """A short human description of a cutouts store (for logs and the CLI)."""
-    info = open_cutouts(path)
-    return json.dumps(
-        {
-            "rows": info.n_rows,
-            "image_shape": info.image_shape,
-            "dtype": str(info.image_dtype),
-            "rows_per_unit": info.rows_per_block,
-            "bands": info.bands,
-            "columns": sorted(info.columns),
-        }
-    )

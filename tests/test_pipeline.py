@@ -198,3 +198,18 @@ def test_client_killed_then_same_command_resumes_exactly_once(tmp_path, tiny_bun
     assert record["units"]["skipped"] >= done_before - 1 and record["units"]["done"] == 50
     assert_exactly_once(out, 3200)
     assert len(list((out / "catalog").rglob("*.parquet"))) >= 1
+
+
+def test_second_run_into_a_locked_output_is_refused(client, small_store, tmp_path, tiny_bundle):
+    from filelock import FileLock
+
+    from survey_infer.errors import RefusedError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(out / "run.lock"):  # as if another run were writing there
+        with pytest.raises(RefusedError, match="another survey-infer run"):
+            run_pipeline(config_for(small_store, out, tiny_bundle), client)
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+    assert run_pipeline(config_for(small_store, out, tiny_bundle, build_catalog=False), client).exit_code == 0
+    assert_exactly_once(out, 600)
