@@ -24,23 +24,12 @@ import numpy as np
 from survey_infer.bundle import default_bundle_path, load_bundle
 from survey_infer.engines import make_engine
 from survey_infer.tasks import get_task
+from training.evaluate import regression_metrics
 from training.sim import get_simulator
 from training.train import EVAL_SEEDS
 
 TEST_FIRST_ID = 900_000_000
 CALIB_FIRST_ID = 910_000_000
-
-
-def metrics(pred: np.ndarray, sigma: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    pred, sigma, truth = (np.asarray(a, dtype=np.float64) for a in (pred, sigma, truth))
-    err = pred - truth
-    return {
-        "rmse": float(np.sqrt(np.mean(err**2))),
-        "r2": float(1 - np.sum(err**2) / np.sum((truth - truth.mean()) ** 2)),
-        "bias": float(np.mean(err)),
-        "median_abs": float(np.median(np.abs(err))),
-        "within_1sigma": float(np.mean(np.abs(err) < sigma)),
-    }
 
 
 def run_cnn(bundle, engine_name: str, threads: int, images, columns, batch: int = 512):
@@ -100,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     sigma_col = ml_col * np.log(10) * scatter_dex
 
     rows = [
-        (f"CNN {bundle.id} ({engine_info['name']})", metrics(ml_cnn, err_cnn, truth)),
-        (f"constant M/L = {const:.3f}", metrics(np.full_like(truth, const), np.full_like(truth, const_sd), truth)),
-        (f"colour: log M/L = {a:.3f} + {b:.3f} (g-i)", metrics(ml_col, sigma_col, truth)),
+        (f"CNN {bundle.id} ({engine_info['name']})", regression_metrics(ml_cnn, err_cnn, truth)),
+        (f"constant M/L = {const:.3f}", regression_metrics(np.full_like(truth, const), np.full_like(truth, const_sd), truth)),
+        (f"colour: log M/L = {a:.3f} + {b:.3f} (g-i)", regression_metrics(ml_col, sigma_col, truth)),
     ]
     print(f"bundle: {bundle.id} sha256 {bundle.sha256()[:16]}...  engine: {engine_info}")
     print(f"held-out: {args.n} galaxies of simulator {simulator!r}, {size}x{size} px, seed {EVAL_SEEDS['test']}; "
@@ -115,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for name, m in rows:
-        print(f"{name:<{name_w}}  {m['rmse']:6.3f}  {m['r2']:6.3f}  {m['bias']:+7.3f}  {m['median_abs']:8.3f}  "
+        print(f"{name:<{name_w}}  {m['rmse']:6.3f}  {m['r2']:6.3f}  {m['bias']:+7.3f}  {m['median_abs_error']:8.3f}  "
               f"{m['within_1sigma']:10.3f}")  # fmt: skip
     print()
     print("RMSE, bias, med|err| in Msun/Lsun (linear M/L_g); |err|<1sig: fraction of rows (0.683 if calibrated).")

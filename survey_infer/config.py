@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from survey_infer.engines.base import ENGINE_NAMES
+from survey_infer.engines.base import default_threads as available_cores
 from survey_infer.errors import RefusedError
 
 DEFAULT_RETRIES = 2
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass

@@ -50,10 +50,6 @@ class CutoutStoreInfo:
     def bands(self) -> list[str]:
         return list(self.attrs.get("bands", []))
 
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.n_rows // self.rows_per_block)
-
     def fingerprint(self) -> str:
         """sha256 of the store's identity: its metadata documents and shapes (not its pixels).
 

@@ -30,6 +30,7 @@ from torch import nn
 from survey_infer.bundle import BUNDLE_FORMAT, BUNDLE_JSON, WEIGHTS_FILE, sha256_file, write_json_atomic
 from survey_infer.models import MassToLightCNN
 from survey_infer.tasks.mass_to_light import MassToLight
+from training.evaluate import regression_metrics
 from training.sim import get_simulator
 
 log = logging.getLogger(__name__)
@@ -111,22 +112,6 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     k = torch.randint(0, 4, (n,), generator=generator)
     rotated = torch.stack([torch.rot90(out, r, dims=(-2, -1)) for r in range(4)])
     return rotated[k, torch.arange(n)]
-
-
-def _metrics(pred: np.ndarray, log_var: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    pred = pred.astype(np.float64)
-    truth = truth.astype(np.float64)
-    err = pred - truth
-    sigma = np.sqrt(np.exp(log_var.astype(np.float64)))
-    var = np.exp(log_var.astype(np.float64))
-    return {
-        "rmse": float(np.sqrt(np.mean(err**2))),
-        "r2": float(1.0 - np.sum(err**2) / np.sum((truth - truth.mean()) ** 2)),
-        "bias": float(np.mean(err)),
-        "median_abs_error": float(np.median(np.abs(err))),
-        "within_1sigma": float(np.mean(np.abs(err) < sigma)),
-        "gaussian_nll": float(np.mean(0.5 * (np.log(var) + err**2 / var))),
-    }
 
 
 @torch.inference_mode()
@@ -237,7 +222,7 @@ def train_mass_to_light(
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
         pred, lv = _predict(model, x_val_t, m_val)
-        metrics = _metrics(pred, lv, y_val)
+        metrics = regression_metrics(pred, np.sqrt(np.exp(lv.astype(np.float64))), y_val)
         lr = optimiser.param_groups[0]["lr"]
         scheduler.step(metrics["gaussian_nll"])
         row = {"epoch": epoch, "train_loss": round(total / max(seen, 1), 5), "lr": lr, "seconds": round(time.time() - t0, 1),

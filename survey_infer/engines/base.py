@@ -54,6 +54,7 @@ class Engine:
 
 
 def default_threads() -> int:
+    """Cores this process may run on (its CPU affinity, which batch schedulers set)."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
