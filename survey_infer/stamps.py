@@ -1,7 +1,7 @@
 """Model-ready stamps from real survey images, framed the way the simulator frames its mocks.
 
-The simulator renders each galaxy centred on a square field ``2 * FOV_IN_HALF_LIGHT_RADII`` half-light
-radii across (the constant is the half-width), resamples it to the model's pixel grid, and log-scales it
+The simulator (``training.sim.universe``) renders each galaxy centred on a square field
+``FOV_IN_HALF_LIGHT_RADII`` half-light radii across, resamples it to the model's pixel grid, and log-scales it
 (:mod:`survey_infer.imaging`). For a real image the steps are:
 
 1. :func:`read_fits_image` - pixels (float64) and WCS; ``.fits.bz2``/``.gz`` are read directly.
@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from survey_infer.imaging import log_scale, robust_noise_sigma
 
-# Half-width of a stamp in half-light radii. Must equal the simulator's constant of the same name (the
+# Full width of a stamp in half-light radii. Must equal the simulator's constant of the same name (the
 # training mocks' framing): a galaxy framed differently looks bigger or smaller to the model than in training.
 FOV_IN_HALF_LIGHT_RADII = 10.0
 
@@ -70,9 +70,10 @@ def find_bright_sources(
     thresholded at ``nsigma`` times the smoothed image's clipped std and labelled (8-connected). Each segment's
     centre is its smoothed peak; its flux is the sum of its sky-subtracted pixels; ``r_half_px`` is the radius
     about the centre holding half of that flux (interpolated between pixel radii; measured inside the
-    segment, so an underestimate for large galaxies whose outskirts fall below the threshold). A segment is kept as extended when its area, ``r_half_px`` and
-    flux / peak pixel (an effective area: ~2-5 px for SDSS stars) pass the minimum values. Bright stars with
-    broad halos or spikes can still pass; blends of several sources give one segment.
+    segment, so an underestimate for large galaxies whose outskirts fall below the threshold). A segment is
+    kept as extended when its area, ``r_half_px`` and flux / peak pixel (an effective area: ~2-5 px for SDSS
+    stars) pass the minimum values. Bright stars with broad halos or spikes can still pass; blends of
+    several sources give one segment.
     """
     image = np.asarray(image, dtype=np.float64)
     finite = np.isfinite(image)
@@ -105,7 +106,7 @@ def find_bright_sources(
 
 def stamp_fov_px(r_half_px: float) -> float:
     """Width in image pixels of the field the simulator would frame a galaxy of this half-light radius in."""
-    return 2.0 * FOV_IN_HALF_LIGHT_RADII * r_half_px
+    return FOV_IN_HALF_LIGHT_RADII * r_half_px
 
 
 def _resample_matrix(n_in: int, n_out: int) -> np.ndarray:

@@ -53,7 +53,7 @@ def test_find_bright_sources_synthetic(synthetic_image):
 
 
 def test_cut_and_prepare_stamp_synthetic(synthetic_image):
-    assert stamp_fov_px(2.0) == 4.0 * FOV_IN_HALF_LIGHT_RADII
+    assert stamp_fov_px(2.0) == 2.0 * FOV_IN_HALF_LIGHT_RADII
     inside = cut_stamp(synthetic_image, (80, 100), 150, 69)
     assert inside.shape == (69, 69) and np.isfinite(inside).all()
     prepared = prepare_stamp(inside)
