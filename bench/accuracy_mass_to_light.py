@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     print("command: " + shlex.join([sys.executable, *sys.argv]))
     bundle = load_bundle(args.bundle or default_bundle_path("mass_to_light"), task="mass_to_light")
     training = bundle.meta.get("training", {})
-    simulator = training.get("simulator", "bulge_disc")
+    simulator = training.get("simulator", "universe")
     simulate = get_simulator(simulator)
     size = bundle.input_spec["image"]["shape"][-1]
     used = set(training.get("seeds", {}).get("train", [])) | set(training.get("seeds", {}).get("val", []))

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--n", type=int, default=1000)
     mock.add_argument("--size", type=int, choices=[69, 128], default=69)
     mock.add_argument("--seed", type=int, default=0)
+    mock.add_argument("--bands", default="g", help="SDSS bands of the images, e.g. g or ugriz (default g)")
+    mock.add_argument("--maps", action="store_true", help="also write resolved truth maps (STORE.truth_maps.zarr)")
     mock.add_argument("--rows-per-unit", type=int, default=4096, help="rows per store block (one unit of work)")
     mock.add_argument("--rows-per-batch", type=int, default=256, help="rows per inner chunk (one read)")
     mock.add_argument("--overwrite", action="store_true")
@@ -131,8 +133,9 @@ def cmd_mock(args: argparse.Namespace) -> int:
     from training.mock import write_mock_cutouts
 
     tick = time.time()
-    store = write_mock_cutouts(args.store, args.n, size=args.size, seed=args.seed, rows_per_unit=args.rows_per_unit,
-                               rows_per_batch=args.rows_per_batch, overwrite=args.overwrite)  # fmt: skip
+    store = write_mock_cutouts(args.store, args.n, size=args.size, seed=args.seed, bands=tuple(args.bands),
+                               maps=args.maps, rows_per_unit=args.rows_per_unit, rows_per_batch=args.rows_per_batch,
+                               overwrite=args.overwrite)  # fmt: skip
     print(f"wrote {args.n} cutouts to {store} (truth: {store}.truth.parquet) in {time.time() - tick:.1f} s")
     return 0
 

@@ -37,3 +37,9 @@ def truth_path(store_path: Path) -> Path:
     """Where a mock store's truth table lies: beside the store, `STORE.truth.parquet`."""
     store_path = Path(store_path)
     return store_path.with_name(store_path.name + TRUTH_SUFFIX)
+
+
+def truth_maps_path(store_path: Path) -> Path:
+    """Where a mock store's resolved truth maps lie, when asked for: `STORE.truth_maps.zarr` (Zarr v3)."""
+    store_path = Path(store_path)
+    return store_path.with_name(store_path.name + ".truth_maps.zarr")

@@ -80,8 +80,9 @@ def create_cutouts_store(
     ``survey`` holds the description (name, bands, pixel_scale, zero points, preprocessing...) and is stored
     both under ``survey`` and flattened into the top-level attrs that the format names.
     """
-    rows_per_unit = max(1, min(rows_per_unit, n_rows))
-    rows_per_batch = max(1, min(rows_per_batch, rows_per_unit))
+    rows_per_batch = max(1, min(rows_per_batch, n_rows))
+    if rows_per_unit > n_rows:  # a small store is one unit: the smallest multiple of the batch that holds it
+        rows_per_unit = -(-n_rows // rows_per_batch) * rows_per_batch
     if rows_per_unit % rows_per_batch:
         raise StoreError(f"rows_per_unit ({rows_per_unit}) must be a multiple of rows_per_batch ({rows_per_batch})")
     group = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=3)

@@ -7,21 +7,36 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zarr
 
-from survey_infer.paths import truth_path
+from survey_infer.paths import truth_maps_path, truth_path
 from survey_infer.store import DEFAULT_ROWS_PER_BATCH, DEFAULT_ROWS_PER_UNIT, create_cutouts_store, write_block
 from training.sim import DEFAULT_SIMULATOR, get_simulator
+from training.sim.universe import (
+    ELECTRONS_PER_NMGY, FOV_IN_HALF_LIGHT_RADII, MAP_NAMES, PIXEL_SCALE_ARCSEC, SKY_MAG_ARCSEC2,
+)  # fmt: skip
 
-MOCK_SURVEY = {
-    "name": "survey-infer mock (bulge+disc, SDSS-like g band)",
-    "bands": ["g"],
-    "pixel_scale": None,  # cutouts are resized to the galaxy: no fixed scale
-    "zero_points": {"g": 28.0},
-    "units": "log10 counts scaled to [-1, 1] per cutout",
-    "preprocessing": {"scaling": "log10, floored at half the sky noise, min-max to [-1, 1] per cutout",
-                      "cropping": "centred, field of view = 18 half-light radii"},
-}  # fmt: skip
+MAP_UNITS = {"log_mstar": "dex(Msun) per pixel", "log_age": "dex(yr), mass-weighted",
+             "log_z": "dex(Z/Zsun), mass-weighted", "log_sfr": "dex(Msun/yr) per pixel, last 100 Myr"}  # fmt: skip
 EXTRA_COLUMNS = {"distance_mpc": "float64", "lum_g": "float64", "size_kpc": "float64"}
+
+
+def mock_survey(bands: tuple[str, ...], simulator: str, seed: int) -> dict:
+    """The store's `survey` attributes: what the cutouts are and how they were made."""
+    return {
+        "name": "survey-infer mock universe (BC03 populations, SDSS ugriz, 0.396\"/px, seeing ~1.4\")",
+        "bands": list(bands),
+        "native_pixel_scale_arcsec": PIXEL_SCALE_ARCSEC,
+        "sky_mag_arcsec2": {b: SKY_MAG_ARCSEC2[b] for b in bands},
+        "electrons_per_nanomaggy": {b: ELECTRONS_PER_NMGY[b] for b in bands},
+        "units": "log10 flux scaled to [-1, 1] per cutout and band",
+        "preprocessing": {
+            "scaling": "log10, floored at half the sky noise, min-max to [-1, 1] per cutout (survey_infer.imaging)",
+            "cropping": f"centred, field of view = {FOV_IN_HALF_LIGHT_RADII:g} half-light radii, resized",
+        },
+        "simulator": simulator,
+        "seed": seed,
+    }
 
 
 def write_mock_cutouts(
@@ -30,25 +45,41 @@ def write_mock_cutouts(
     *,
     size: int = 69,
     seed: int = 0,
+    bands: tuple[str, ...] = ("g",),
+    maps: bool = False,
     rows_per_unit: int = DEFAULT_ROWS_PER_UNIT,
     rows_per_batch: int = DEFAULT_ROWS_PER_BATCH,
     simulator: str = DEFAULT_SIMULATOR,
     overwrite: bool = False,
 ) -> Path:
-    """Write a `cutouts` store of ``n`` simulated g-band galaxies and ``STORE.truth.parquet``."""
+    """Write a `cutouts` store of ``n`` simulated galaxies, ``STORE.truth.parquet`` and, if ``maps``, the
+    resolved truth maps in ``STORE.truth_maps.zarr`` (same rows and pixel grid, no PSF or noise)."""
     store = Path(store)
     simulate = get_simulator(simulator)
-    survey = {**MOCK_SURVEY, "simulator": simulator, "seed": seed}
     group = create_cutouts_store(
-        store, n, (1, size, size), EXTRA_COLUMNS, survey=survey,
+        store, n, (len(bands), size, size), EXTRA_COLUMNS, survey=mock_survey(tuple(bands), simulator, seed),
         rows_per_unit=rows_per_unit, rows_per_batch=rows_per_batch, overwrite=overwrite,
     )  # fmt: skip
+    maps_array = _create_maps_array(store, n, size, group["images"].shards[0], overwrite) if maps else None
     block = int(group["images"].shards[0])
     truth_tables = []
     for index, start in enumerate(range(0, n, block)):
         count = min(block, n - start)
-        sim = simulate(count, size=size, seed=np.random.SeedSequence([seed, index]).generate_state(1)[0], first_id=start)
+        block_seed = np.random.SeedSequence([seed, index]).generate_state(1)[0]
+        sim = simulate(count, size=size, seed=block_seed, first_id=start, bands=tuple(bands), maps=maps)
         write_block(group, start, sim.images, sim.columns)
+        if maps_array is not None:
+            maps_array[start : start + count] = sim.maps
         truth_tables.append(pa.table(sim.truth))
     pq.write_table(pa.concat_tables(truth_tables), truth_path(store))
     return store
+
+
+def _create_maps_array(store: Path, n: int, size: int, rows_per_shard: int, overwrite: bool) -> zarr.Array:
+    root = zarr.open_group(truth_maps_path(store), mode="w" if overwrite else "w-", zarr_format=3)
+    root.attrs.update({"map_names": list(MAP_NAMES), "units": MAP_UNITS, "rows": n,
+                       "note": "truth per pixel, before PSF and noise; row i matches row i of the store"})  # fmt: skip
+    return root.create_array(
+        "maps", shape=(n, len(MAP_NAMES), size, size), dtype="float32",
+        chunks=(min(64, rows_per_shard), len(MAP_NAMES), size, size),
+    )  # fmt: skip

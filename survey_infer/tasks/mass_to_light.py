@@ -60,7 +60,8 @@ class MassToLight(CutoutTask):
 
     def postprocess(self, outputs, columns, flags, bundle):
         ml = outputs["ml_g"].astype(np.float32)
-        err = np.sqrt(np.exp(outputs["ml_g_logvar"].astype(np.float64))).astype(np.float32)
+        scale = float(bundle.output_spec.get("ml_g_err", {}).get("scale", 1.0))  # recalibration from training
+        err = (scale * np.sqrt(np.exp(outputs["ml_g_logvar"].astype(np.float64)))).astype(np.float32)
         no_estimate = (flags & NO_ESTIMATE) != 0
         ml[no_estimate] = np.nan
         err[no_estimate] = np.nan

@@ -1,18 +1,17 @@
-"""Galaxy simulators. A simulator maps (n, size, seed) to images and per-object columns with truth.
+"""Galaxy simulators. A simulator maps (n, size, seed, bands, maps) to images, per-object columns and truth.
 
-The seam: ``get_simulator(name)`` returns a callable with the `simulate` signature of `bulge_disc`; the
-mock writer and the training loop know nothing else about it, so a physically richer universe can be
-registered beside the first one.
+The seam: ``get_simulator(name)`` returns a callable with the `simulate` signature of `universe`; the mock
+writer and the training loop know nothing else about it.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from training.sim.bulge_disc import SimulatedCutouts, simulate
+from training.sim.universe import SimulatedCutouts, simulate
 
-SIMULATORS: dict[str, Callable[..., SimulatedCutouts]] = {"bulge_disc": simulate}
-DEFAULT_SIMULATOR = "bulge_disc"
+SIMULATORS: dict[str, Callable[..., SimulatedCutouts]] = {"universe": simulate}
+DEFAULT_SIMULATOR = "universe"
 
 
 def get_simulator(name: str = DEFAULT_SIMULATOR) -> Callable[..., SimulatedCutouts]:
