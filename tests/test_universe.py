@@ -94,3 +94,10 @@ def test_mock_store_with_bands_and_maps(tmp_path):
 
 def test_registry_default_is_the_universe():
     assert get_simulator() is simulate
+
+
+def test_real_stamps_are_framed_like_the_mocks():
+    from survey_infer import stamps
+    from training.sim import universe
+
+    assert stamps.FOV_IN_HALF_LIGHT_RADII == universe.FOV_IN_HALF_LIGHT_RADII
