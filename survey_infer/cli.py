@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--name", default="base")
     train.add_argument("--version", type=int, default=1)
+    train.add_argument("--images-only", action="store_true",
+                       help="no per-object inputs (default: image + distance, L_g, size)")
     train.add_argument("--width", type=int, default=32, help="channels of the first convolution (default 32)")
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--time-budget", type=float, help="seconds: start no epoch that would end later")
@@ -147,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     bundle_dir = train_mass_to_light(args.output, n_train=args.n_train, n_val=args.n_val, size=args.size,
                                      epochs=args.epochs, seed=args.seed, name=args.name, version=args.version,
                                      width=args.width, batch_size=args.batch_size, time_budget_s=args.time_budget,
-                                     overwrite=args.overwrite)  # fmt: skip
+                                     use_meta=not args.images_only, overwrite=args.overwrite)  # fmt: skip
     export_onnx(bundle_dir)
     print(f"wrote bundle {bundle_dir}")
     return 0

@@ -55,9 +55,12 @@ def test_demo_runs_the_main_job_on_the_mock_survey(tmp_path):
 
 def test_train_writes_a_bundle_that_run_uses(tmp_path, small_store):
     assert main(["train", "mass_to_light", "--output", str(tmp_path / "bundles"), "--n-train", "128", "--n-val",
-                 "64", "--epochs", "1", "--width", "4", "--name", "unit", "--batch-size", "32"]) == 0  # fmt: skip
+                 "64", "--epochs", "1", "--width", "4", "--name", "unit", "--batch-size", "32", "--images-only"]) == 0  # fmt: skip
     bundle = tmp_path / "bundles" / "mass_to_light-unit-v1"
     assert {"bundle.json", "weights.safetensors", "model.onnx"} <= {p.name for p in bundle.iterdir()}
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert "meta" not in meta["input_spec"] and meta["engine_io"]["inputs"] == ["image"]
+    assert meta["training"]["training_data"]["versions"]["bagpipes"]
     code = main(["run", "mass_to_light", "--input", str(small_store), "--output", str(tmp_path / "out"),
                  "--bundle", str(bundle), "--engine", "onnxruntime", "--no-progress", "--no-catalog"])  # fmt: skip
     assert code == 0
