@@ -39,7 +39,7 @@ def test_same_seed_same_mock(tmp_path):
 def test_bundles_lists_the_shipped_bundle(capsys):
     assert main(["bundles"]) == 0
     out = capsys.readouterr().out
-    assert "mass_to_light-base-v1" in out and "model.onnx" in out
+    assert "mass_to_light-img69-v2" in out and "mass_to_light-img128-meta-v2" in out and "model.onnx" in out
 
 
 def test_demo_runs_the_main_job_on_the_mock_survey(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from deploy.export import export_onnx
-from survey_infer.bundle import ONNX_FILE, WEIGHTS_FILE, default_bundle_path, load_bundle
+from survey_infer.bundle import ONNX_FILE, WEIGHTS_FILE, default_bundle_path, list_shipped_bundles, load_bundle
 from survey_infer.engines import make_engine
 from survey_infer.errors import BundleError
 from survey_infer.tasks import get_task
@@ -91,12 +91,20 @@ def test_tampered_onnx_is_refused(tiny_bundle, tmp_path):
         load_bundle(copy)
 
 
-def test_shipped_bundle_onnx_matches_torch():
+def test_default_bundle_is_the_images_only_69px_one():
     bundle = load_bundle(default_bundle_path("mass_to_light"), task="mass_to_light")
-    assert bundle.id == "mass_to_light-base-v1"
+    assert bundle.id == "mass_to_light-img69-v2"
+    assert "meta" not in bundle.input_spec and bundle.input_spec["image"]["shape"] == [1, 69, 69]
+
+
+@pytest.mark.parametrize("bundle", list_shipped_bundles(), ids=lambda b: b.id)
+def test_shipped_bundles_onnx_match_torch_and_record_their_training(bundle):
     assert bundle.onnx_path is not None
     training = json.loads((bundle.path / "bundle.json").read_text())["training"]
-    assert training["validation"]["r2"] > 0.3
+    assert training["simulator"] == "universe" and training["training_data"]["versions"]["bagpipes"]
+    assert not set(training["seeds"]["train"] + training["seeds"]["val"]) & set(EVAL_SEEDS.values())
+    assert training["validation"]["r2"] > 0.4
+    assert 0.3 < bundle.output_spec["ml_g_err"]["scale"] < 3
     _engines_agree(bundle, 64)
 
 
