@@ -28,15 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from survey_infer.bundle import Bundle, load_bundle, shipped_bundles_dir
+from survey_infer.bundle import Bundle, list_shipped_bundles, load_bundle
 from survey_infer.engines import make_engine
 from survey_infer.tasks import get_task
-from training.evaluate import regression_metrics
+from training.evaluate import PHOTOMETRIC_NOISE_MAG, fit_colour_relation, observed_colour, regression_metrics
 from training.sim import get_simulator
 from training.train import CHUNK, EVAL_SEEDS
 
 TEST_FIRST_ID = 900_000_000
-PHOTOMETRIC_NOISE_MAG = 0.03
 COLOUR_FIT_GALAXIES = 10_000
 # ../shared/science/mass_to_light.md: test-set RMSE and R^2 of the workshop's CNNs on real SDSS galaxies.
 WORKSHOP = [
@@ -63,11 +62,6 @@ def run_cnn(bundle: Bundle, engine_name: str, threads: int, images, columns, bat
     return np.concatenate(ml), np.concatenate(err), engine.describe()
 
 
-def observed_colour(truth: dict, rng: np.random.Generator) -> np.ndarray:
-    noise = rng.normal(0.0, PHOTOMETRIC_NOISE_MAG, (2, len(truth["mag_g"])))
-    return np.asarray(truth["mag_g"]) + noise[0] - np.asarray(truth["mag_i"]) - noise[1]
-
-
 def colour_rows(training_truth: dict, test_truth: dict, truth_ml: np.ndarray) -> list[tuple[str, dict]]:
     """The colour-M/L relation fitted on training galaxies, applied to the test galaxies (two colour kinds)."""
     rng = np.random.default_rng(0)
@@ -78,16 +72,11 @@ def colour_rows(training_truth: dict, test_truth: dict, truth_ml: np.ndarray) ->
         (f"observed g-i +{PHOTOMETRIC_NOISE_MAG} mag noise", observed_colour(training_truth, rng),
          observed_colour(test_truth, rng)),
     ):  # fmt: skip
-        b, a = np.polyfit(fit_colour, log_ml, 1)
-        scatter = float(np.std(log_ml - (a + b * fit_colour)))
+        a, b, scatter = fit_colour_relation(fit_colour, log_ml)
         pred = 10 ** (a + b * test_colour)
         name = f"colour ({label}): log M/L = {a:.3f} + {b:.3f} (g-i), scatter {scatter:.3f} dex"
         rows.append((name, regression_metrics(pred, pred * np.log(10) * scatter, truth_ml)))
     return rows
-
-
-def shipped_mass_to_light_bundles() -> list[Path]:
-    return sorted(p for p in shipped_bundles_dir().glob("mass_to_light-*") if (p / "bundle.json").is_file())
 
 
 def evaluate_bundle(bundle: Bundle, args, cache: dict) -> list[tuple[str, dict]]:
@@ -136,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print("command: " + shlex.join([sys.executable, *sys.argv]))
     cache: dict = {}
-    for path in args.bundle or shipped_mass_to_light_bundles():
-        bundle = load_bundle(path, task="mass_to_light")
+    bundles = ([load_bundle(path, task="mass_to_light") for path in args.bundle] if args.bundle
+               else [b for b in list_shipped_bundles() if b.task == "mass_to_light"])  # fmt: skip
+    for bundle in bundles:
         t = bundle.meta["training"]
         meta = bundle.input_spec.get("meta", {}).get("columns", [])
         title = (f"{bundle.id}: {t['image_size']} px, {t['n_train']} training galaxies, inputs: image"

@@ -46,9 +46,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from training.evaluate import PHOTOMETRIC_NOISE_MAG, fit_colour_relation, observed_colour  # noqa: E402
 from training.sim.universe import MAP_NAMES, simulate  # noqa: E402
 
-PHOTOMETRIC_NOISE_MAG = 0.03  # per band, Gaussian, independent in g and i
 # The SSPs of the mocks are BC03 with a Chabrier IMF. Bell et al. (2003) use a "diet Salpeter" IMF; their
 # log M/L is converted to Chabrier by adding CHABRIER_MINUS_DIET_SALPETER (Chabrier stars weigh ~0.1 dex less
 # at fixed light: Bell et al. 2003 give -0.15 dex for Kroupa/Kennicutt; -0.1 dex is the usual Chabrier value).
@@ -70,17 +70,6 @@ ML_SPAN = (0.0, 4.0)
 
 
 # ------------------------------------------------------------------------------------------------ numbers
-def fit_line(colour: np.ndarray, log_ml: np.ndarray) -> tuple[float, float, float]:
-    """Least-squares a, b of log_ml = a + b colour, and the rms of the residuals (dex)."""
-    b, a = np.polyfit(colour, log_ml, 1)
-    return float(a), float(b), float(np.sqrt(np.mean((log_ml - a - b * colour) ** 2)))
-
-
-def observed_colour(truth: dict, rng: np.random.Generator) -> np.ndarray:
-    noise = rng.normal(0.0, PHOTOMETRIC_NOISE_MAG, (2, len(truth["mag_g"])))
-    return truth["mag_g"] + noise[0] - (truth["mag_i"] + noise[1])
-
-
 def speed(n: int, size: int, seed: int) -> dict:
     """Cutouts/s per core (CPU time) and wall, for one simulate() call after the caller's warm-up."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -256,8 +245,8 @@ def main(argv=None) -> int:
     ml = np.asarray(truth["ml_g"], dtype=np.float64)
     log_ml = np.log10(ml)
     obs_gi = observed_colour(truth, np.random.default_rng(args.seed + 1))
-    fits = {"true": fit_line(truth["g_i"], log_ml), "observed": fit_line(obs_gi, log_ml)}
-    obs_free = fit_line(truth["mag_g"] - truth["mag_i"], log_ml)  # observed frame without noise, for reference
+    fits = {"true": fit_colour_relation(truth["g_i"], log_ml), "observed": fit_colour_relation(obs_gi, log_ml)}
+    obs_free = fit_colour_relation(truth["mag_g"] - truth["mag_i"], log_ml)  # observed frame without noise, for reference
 
     # speed and determinism (single process, 1 thread); the statistics run above warmed the SSP table
     simulate(64, size=69, seed=args.seed + 7)  # warm-up of the 69 px path

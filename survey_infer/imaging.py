@@ -9,16 +9,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def robust_noise_sigma(image: np.ndarray, axes: tuple[int, ...] = (-2, -1)) -> np.ndarray:
-    """Sky noise of each image from the median absolute deviation of its border pixels (1.4826 MAD)."""
-    image = np.asarray(image, dtype=np.float64)
-    height, width = image.shape[-2:]
-    band = max(2, min(height, width) // 8)
-    mask = np.zeros((height, width), dtype=bool)
+def border_mask(shape: tuple[int, int]) -> np.ndarray:
+    """The outer eighth (at least 2 pixels) of an image on every side: where the sky is measured."""
+    band = max(2, min(shape) // 8)
+    mask = np.zeros(shape, dtype=bool)
     mask[:band], mask[-band:], mask[:, :band], mask[:, -band:] = True, True, True, True
-    border = image[..., mask]
-    median = np.median(border, axis=-1, keepdims=True)
-    return 1.4826 * np.median(np.abs(border - median), axis=-1)
+    return mask
+
+
+def mad_sigma(values: np.ndarray) -> float:
+    """Gaussian-equivalent sigma of sky pixels from their median absolute deviation (1.4826 MAD)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
 def log_scale(image: np.ndarray, noise_sigma: np.ndarray | float) -> np.ndarray:

@@ -26,7 +26,7 @@ from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy import ndimage
 
-from survey_infer.imaging import log_scale, robust_noise_sigma
+from survey_infer.imaging import border_mask, log_scale, mad_sigma
 
 # Full width of a stamp in half-light radii. Must equal the simulator's constant of the same name (the
 # training mocks' framing): a galaxy framed differently looks bigger or smaller to the model than in training.
@@ -143,34 +143,22 @@ def cut_stamp(image: np.ndarray, centre_xy: Any, fov_px: float, out_px: int, wcs
     return resample(data, out_px)
 
 
-def _border(shape: tuple[int, int]) -> np.ndarray:
-    band = max(2, min(shape) // 8)  # the border robust_noise_sigma uses
-    mask = np.zeros(shape, dtype=bool)
-    mask[:band], mask[-band:], mask[:, :band], mask[:, -band:] = True, True, True, True
-    return mask
-
-
 def prepare_stamp(stamp: np.ndarray, subtract_sky: bool = True) -> np.ndarray:
     """A stamp (H, W) as model input: float32 (1, H, W) in [-1, 1], NaN where the stamp is NaN.
 
     The mocks have zero-mean sky, so (by default) the sigma-clipped median of the stamp's border is
-    subtracted first; then the noise sigma comes from :func:`robust_noise_sigma` (for a partial stamp: the
-    same MAD estimate over its finite border pixels) and the stamp is :func:`log_scale`-d with NaN pixels
-    filled by the finite median, which are put back to NaN after: a partial stamp still gets a (flagged)
-    image; an all-NaN stamp comes back all NaN.
+    subtracted first; the noise sigma is the MAD sigma of the same finite border pixels. The stamp is
+    :func:`log_scale`-d with NaN pixels filled by the finite median, which are put back to NaN after: a
+    partial stamp still gets a (flagged) image; an all-NaN stamp comes back all NaN.
     """
     stamp = np.asarray(stamp, dtype=np.float64)
     finite = np.isfinite(stamp)
     if not finite.any():
         return np.full((1, *stamp.shape), np.nan, dtype=np.float32)
-    border = _border(stamp.shape) & finite
+    border = border_mask(stamp.shape) & finite
     sky_pixels = stamp[border] if border.any() else stamp[finite]
     sky = sigma_clipped_stats(sky_pixels, sigma=3.0)[1] if subtract_sky else 0.0
     filled = np.where(finite, stamp - sky, np.median(stamp[finite]) - sky)
-    if finite.all():
-        sigma = robust_noise_sigma(filled)
-    else:  # the same estimate over the finite border pixels only
-        sigma = 1.4826 * np.median(np.abs(sky_pixels - np.median(sky_pixels)))
-    scaled = log_scale(filled, sigma)
+    scaled = log_scale(filled, mad_sigma(sky_pixels))
     scaled[~finite] = np.nan
     return scaled[None]

@@ -18,3 +18,18 @@ def regression_metrics(pred: np.ndarray, sigma: np.ndarray, truth: np.ndarray) -
         "within_1sigma": float(np.mean(np.abs(err) < sigma)),
         "gaussian_nll": float(np.mean(0.5 * (np.log(var) + err**2 / var))),
     }
+
+
+PHOTOMETRIC_NOISE_MAG = 0.03  # per band, Gaussian, independent in g and i: a typical SDSS galaxy colour error
+
+
+def observed_colour(truth: dict, rng: np.random.Generator, noise_mag: float = PHOTOMETRIC_NOISE_MAG) -> np.ndarray:
+    """Observed-frame g - i of the mock's model magnitudes with independent photometric noise in each band."""
+    noise = rng.normal(0.0, noise_mag, (2, len(truth["mag_g"])))
+    return np.asarray(truth["mag_g"]) + noise[0] - np.asarray(truth["mag_i"]) - noise[1]
+
+
+def fit_colour_relation(colour: np.ndarray, log_ml: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares a, b of log10 M/L = a + b colour, and the rms of the residuals (dex)."""
+    b, a = np.polyfit(colour, log_ml, 1)
+    return float(a), float(b), float(np.sqrt(np.mean((log_ml - a - b * colour) ** 2)))

@@ -60,8 +60,8 @@ def write_mock_cutouts(
         store, n, (len(bands), size, size), EXTRA_COLUMNS, survey=mock_survey(tuple(bands), simulator, seed),
         rows_per_unit=rows_per_unit, rows_per_batch=rows_per_batch, overwrite=overwrite,
     )  # fmt: skip
-    maps_array = _create_maps_array(store, n, size, group["images"].shards[0], overwrite) if maps else None
     block = int(group["images"].shards[0])
+    maps_array = _create_maps_array(store, n, size, block, overwrite) if maps else None
     truth_tables = []
     for index, start in enumerate(range(0, n, block)):
         count = min(block, n - start)

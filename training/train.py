@@ -256,7 +256,7 @@ def train_mass_to_light(
         history.append(row)
         log.info("epoch %s", row)
         if metrics["gaussian_nll"] < best["nll"]:
-            best = {"nll": metrics["gaussian_nll"], "epoch": epoch, "metrics": metrics,
+            best = {"nll": metrics["gaussian_nll"], "epoch": epoch, "metrics": metrics, "pred": pred, "log_var": lv,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}  # fmt: skip
             stale = 0
         else:
@@ -273,8 +273,7 @@ def train_mass_to_light(
 
     model.load_state_dict(best["state"])
     model = model.to(memory_format=torch.contiguous_format).eval()
-    val_ml, val_lv = _predict(model, x_val_t, m_val)
-    error_scale = _error_scale(val_ml, np.sqrt(np.exp(val_lv.astype(np.float64))), y_val)
+    error_scale = _error_scale(best["pred"], np.sqrt(np.exp(best["log_var"].astype(np.float64))), y_val)
     wall = time.time() - started
 
     kwargs = {"in_channels": 1, "n_meta": 3 if use_meta else 0, "width": width}

@@ -20,7 +20,7 @@ import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,7 @@ def calzetti_k(wavelength_aa: np.ndarray) -> np.ndarray:
     return np.maximum(np.where(lam < 0.63, short, long), 0.0)
 
 
-@dataclass(frozen=True, eq=False)  # hashed by identity: one table per process
+@dataclass(frozen=True)
 class SSPTable:
     """Band luminosities of BC03 SSPs on (metallicity, age, A_V[, redshift]) grids; see the module doc."""
 
@@ -71,6 +71,11 @@ class SSPTable:
     lum: np.ndarray  # [z_met, age, av, band] Lsun_band per Msun formed (rest frame, attenuated)
     obs_abs_mag: np.ndarray  # [z_met, age, av, redshift, band] observed-frame AB absolute magnitude
     source: str
+
+    @cached_property
+    def obs_flux(self) -> np.ndarray:
+        """``obs_abs_mag`` as absolute maggies (flux at 10 pc), the form the simulator sums."""
+        return 10 ** (-0.4 * self.obs_abs_mag)
 
 
 def _ab_magnitudes(filters, flam_at_10pc: np.ndarray, wavelength: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ morphology only correlates with them through the mass- and B/T-dependent quenchi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -58,13 +58,11 @@ class SimulatedCutouts:
     images: np.ndarray
     columns: dict[str, np.ndarray]
     truth: dict[str, np.ndarray]
-    maps: np.ndarray | None = None  # (N, len(MAP_NAMES), S, S) float32, no PSF, no noise
-    map_names: tuple[str, ...] = field(default=MAP_NAMES)
+    maps: np.ndarray | None = None  # (N, len(MAP_NAMES), S, S) float32 in MAP_NAMES order, no PSF, no noise
 
 
 # ----------------------------------------------------------------------------------------- populations
-def _fine_time_grid() -> np.ndarray:
-    return np.concatenate([[0.0], np.geomspace(1e5, 13.5e9, 600)])
+FINE_TIMES_YR = np.concatenate([[0.0], np.geomspace(1e5, 13.5e9, 600)])  # lookback times SFHs are drawn on
 
 
 def _bin_mass(sfr: np.ndarray, times: np.ndarray, table: SSPTable) -> np.ndarray:
@@ -107,7 +105,7 @@ def _population(table: SSPTable, weights, log_z, av):
     av_age = av[:, None] * np.where(table.ages_yr < 1e7, 2.0, 1.0)[None]
     iav, tav = _interp_index(AV_GRID, av_age)
     ages = np.arange(n_age)[None]
-    obs_flux = _observed_flux(table)
+    obs_flux = table.obs_flux
     live = np.zeros(n)
     lum = np.zeros((n, len(BANDS)))
     flux = np.zeros((n, len(REDSHIFT_GRID), len(BANDS)))
@@ -120,11 +118,6 @@ def _population(table: SSPTable, weights, log_z, av):
             lum += (w * table.lum[zi, ages, ai]).sum(axis=1)
             flux += np.einsum("na,narb->nrb", w[..., 0], obs_flux[zi, ages, ai])
     return live, lum, flux
-
-
-@lru_cache(maxsize=1)
-def _observed_flux(table: SSPTable) -> np.ndarray:
-    return 10 ** (-0.4 * table.obs_abs_mag)
 
 
 def _at_redshift(flux_grid: np.ndarray, redshift: np.ndarray) -> np.ndarray:
@@ -172,11 +165,11 @@ def _draw_galaxies(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     return g
 
 
+@lru_cache(maxsize=1)
 def _zone_mass_fractions() -> np.ndarray:
     """Share of an exponential disc's mass in each blended radial zone."""
     x = np.linspace(1e-3, 20, 4000)
-    weights = _zone_weights(x[None])[..., 0, :]
-    return np.trapezoid(weights * x * np.exp(-x), x, axis=-1) / np.trapezoid(x * np.exp(-x), x)
+    return np.trapezoid(_zone_weights(x) * x * np.exp(-x), x, axis=-1) / np.trapezoid(x * np.exp(-x), x)
 
 
 def _zone_weights(x: np.ndarray) -> np.ndarray:
@@ -200,7 +193,7 @@ class _Component:
 def _components(g: dict[str, np.ndarray], table: SSPTable) -> dict[str, _Component]:
     """Each component's masses and light, scaled so that the surviving masses add up to M*."""
     n = len(g["log_mstar"])
-    times = _fine_time_grid()
+    times = FINE_TIMES_YR
     mstar = 10 ** g["log_mstar"]
     zone_frac = _zone_mass_fractions()
     recent = table.ages_yr < 1e8
@@ -226,13 +219,20 @@ def _components(g: dict[str, np.ndarray], table: SSPTable) -> dict[str, _Compone
             sfr = sfr + burst * sfr_norm * (g["burst_fraction"] / 5e7)[:, None]
         log_z = g["log_z_disc"] + g["z_gradient"] * (centre - ZONE_CENTRES_RD[0])
         comps[f"disc{k}"] = build(sfr, log_z, g["av_disc"], disc_mass * (1 - g["bar_fraction"]) * zone_frac[k])
-        if k == 0:
-            comps["bar"] = build(sfr, log_z, g["av_disc"], disc_mass * g["bar_fraction"])
+        if k == 0:  # the bar holds the inner zone's stars
+            comps["bar"] = _rescaled(comps["disc0"], disc_mass * g["bar_fraction"])
     arm_sfr = np.where(times[None] < ARM_AGE_YR, 1.0, 0.0).repeat(n, axis=0)
     disc_sfr_now = sum(comps[f"disc{k}"].sfr for k in range(len(ZONE_CENTRES_RD)))
     arm_mass = g["arm_fraction"] * disc_sfr_now * ARM_AGE_YR * 0.85  # ~85% of 200 Myr of stars survive
     comps["arms"] = build(arm_sfr, g["log_z_disc"], 1.5 * g["av_disc"], arm_mass)
     return comps
+
+
+def _rescaled(comp: _Component, mass: np.ndarray) -> _Component:
+    """The same population with a different surviving mass (light and SFR scale with it)."""
+    factor = np.where(comp.mass > 0, mass / np.where(comp.mass > 0, comp.mass, 1.0), 0.0)
+    return _Component(mass, comp.lum * factor[:, None], comp.flux_grid * factor[:, None, None], comp.log_age,
+                      comp.log_z, comp.sfr * factor)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- rendering
