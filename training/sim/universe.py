@@ -145,16 +145,23 @@ def _draw_galaxies(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     g["bulge_tau"] = 10 ** rng.uniform(np.log10(3e8), np.log10(1.5e9), n)
     g["disc_start"] = rng.uniform(8e9, 12.5e9, n)
     g["disc_tau"] = 10 ** rng.uniform(np.log10(7e8), np.log10(1.5e10), n)
-    g["burst"] = rng.uniform(size=n) < 0.4
-    g["burst_age"] = 10 ** rng.uniform(np.log10(6e7), np.log10(3e9), n)
-    g["burst_fraction"] = np.where(g["burst"], 10 ** rng.uniform(-2, np.log10(0.5), n), 0.0)
-    g["log_z_bulge"] = np.clip(0.05 + 0.2 * m + rng.normal(0, 0.2, n), -1.5, 0.4)
-    g["log_z_disc"] = np.clip(-0.15 + 0.3 * m + rng.normal(0, 0.3, n), -1.5, 0.4)
+    # central bursts as in the Monte Carlo libraries of Kauffmann+03 / Zibetti+09: 0.03-4 times the central
+    # (bulge + inner disc + bar) mass, 30-300 Myr long, ended in the last 3 Gyr or still going; dusty while young
+    g["burst"] = rng.uniform(size=n) < 0.5
+    g["burst_age"] = 10 ** rng.uniform(6.0, np.log10(3e9), n)
+    g["burst_fraction"] = np.where(g["burst"], 10 ** rng.uniform(np.log10(0.03), np.log10(4.0), n), 0.0)
+    g["burst_duration"] = 10 ** rng.uniform(np.log10(3e7), np.log10(3e8), n)
+    g["log_z_bulge"] = np.clip(0.05 + 0.2 * m + rng.normal(0, 0.28, n), -1.5, 0.4)
+    g["log_z_disc"] = np.clip(-0.15 + 0.3 * m + rng.normal(0, 0.36, n), -1.5, 0.4)
     g["z_gradient"] = rng.normal(-0.08, 0.03, n)  # dex per disc scale length
     g["cos_i"] = rng.uniform(0.05, 1.0, n)
     av0 = np.clip(rng.normal(0.3 + 0.25 * m, 0.2, n), 0.0, None) * np.where(g["quenched"], 0.3, 1.0)
-    g["av_disc"] = np.clip(av0 * g["cos_i"] ** -0.4, 0.0, 1.5)
+    av0 = av0 * rng.lognormal(0.0, 0.5, n)  # dust content varies at fixed mass
+    g["av_disc"] = np.clip(av0 * g["cos_i"] ** -0.4, 0.0, 2.5)
     g["av_bulge"] = np.clip(0.4 * g["av_disc"], 0.0, 3.0)
+    g["log_z_burst"] = np.clip(0.5 * (g["log_z_bulge"] + g["log_z_disc"]) + rng.normal(0, 0.2, n), -1.5, 0.4)
+    starburst_dust = rng.uniform(0.0, 1.5, n) * np.clip(1.5 - np.log10(g["burst_age"] / 1e7), 0.0, 1.0)
+    g["av_burst"] = np.clip(g["av_disc"] + starburst_dust, 0.0, 3.0)
     g["has_bar"] = (g["bt"] < 0.7) & (rng.uniform(size=n) < 0.35)
     g["bar_fraction"] = np.where(g["has_bar"], rng.uniform(0.05, 0.2, n), 0.0)
     star_forming = ~g["quenched"] & (g["bt"] < 1)
@@ -213,10 +220,6 @@ def _components(g: dict[str, np.ndarray], table: SSPTable) -> dict[str, _Compone
     for k, centre in enumerate(ZONE_CENTRES_RD):
         start = g["disc_start"] - 1.5e9 * k
         sfr = _delayed_tau(times, start, g["disc_tau"] * (1 + 0.6 * k), g["t_quench"])
-        if k == 0:  # a recent central burst, 50 Myr long
-            burst = (times[None] < g["burst_age"][:, None]) & (times[None] > g["burst_age"][:, None] - 5e7)
-            sfr_norm = np.trapezoid(sfr, times, axis=1)[:, None]
-            sfr = sfr + burst * sfr_norm * (g["burst_fraction"] / 5e7)[:, None]
         log_z = g["log_z_disc"] + g["z_gradient"] * (centre - ZONE_CENTRES_RD[0])
         comps[f"disc{k}"] = build(sfr, log_z, g["av_disc"], disc_mass * (1 - g["bar_fraction"]) * zone_frac[k])
         if k == 0:  # the bar holds the inner zone's stars
@@ -225,6 +228,10 @@ def _components(g: dict[str, np.ndarray], table: SSPTable) -> dict[str, _Compone
     disc_sfr_now = sum(comps[f"disc{k}"].sfr for k in range(len(ZONE_CENTRES_RD)))
     arm_mass = g["arm_fraction"] * disc_sfr_now * ARM_AGE_YR * 0.85  # ~85% of 200 Myr of stars survive
     comps["arms"] = build(arm_sfr, g["log_z_disc"], 1.5 * g["av_disc"], arm_mass)
+    end, length = g["burst_age"][:, None], g["burst_duration"][:, None]
+    burst_sfr = ((times[None] >= end) & (times[None] < end + length)).astype(float)
+    central_mass = comps["bulge"].mass + comps["disc0"].mass + comps["bar"].mass
+    comps["burst"] = build(burst_sfr, g["log_z_burst"], g["av_burst"], g["burst_fraction"] * central_mass)
     return comps
 
 
@@ -270,6 +277,7 @@ def _profiles(g, geom, size: int, rng: np.random.Generator) -> dict[str, np.ndar
     r_bulge = np.sqrt(xr**2 + (yr / col(geom["q_bulge"])) ** 2 + soft2) / col(geom["re_kpc"])
     nb = col(geom["sersic_n"])
     out["bulge"] = _normalise(np.exp(-col(_sersic_b(geom["sersic_n"])) * (np.exp(np.log(r_bulge) / nb) - 1)))
+    out["burst"] = out["bulge"]  # nuclear starbursts: as concentrated as the bulge
     cos_b, sin_b = col(np.cos(g["bar_angle"])), col(np.sin(g["bar_angle"]))
     bx, by = xr * cos_b + yq * sin_b, -xr * sin_b + yq * cos_b
     r_bar2 = (bx**2 + (by / f32(0.3)) ** 2 + soft2) / col(geom["bar_len_kpc"] ** 2)
@@ -337,7 +345,7 @@ def _geometry(g, comps, rng: np.random.Generator, size: int) -> dict[str, np.nda
     g["bar_angle"] = rng.uniform(0, np.pi, n)
     geom["bar_len_kpc"] = rng.uniform(0.8, 1.5, n) * geom["rd_kpc"]
     lum_g = sum(c.lum[:, 1] for c in comps.values())
-    lum_bulge = comps["bulge"].lum[:, 1]
+    lum_bulge = comps["bulge"].lum[:, 1] + comps["burst"].lum[:, 1]
     geom["size_kpc"] = (lum_bulge * geom["re_kpc"] + (lum_g - lum_bulge) * r50_disc) / lum_g
     geom["fov_kpc"] = FOV_IN_HALF_LIGHT_RADII * geom["size_kpc"]
     geom["pix_kpc"] = geom["fov_kpc"] / size
