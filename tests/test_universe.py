@@ -11,8 +11,11 @@ from survey_infer.paths import truth_maps_path, truth_path
 from survey_infer.store import open_cutouts
 from training.mock import write_mock_cutouts
 from training.sim import get_simulator
-from training.sim.ssp import AV_GRID, BANDS, ssp_table
+from training.sim.ssp import AGE_GRID_YR, AV_GRID, BANDS, LSUN_ERG_S, nebular_spectra, ssp_table
 from training.sim.universe import MAP_NAMES, simulate
+
+
+METALLICITY_SOLAR_INDEX = 4  # METALLICITIES_ZSUN[4] == 1.0
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +39,18 @@ def test_ssp_table_has_the_physics_of_real_populations():
     assert 1.05 < a_g < 1.35  # Calzetti: A_g / A_V ~ 1.2
 
 
+def test_nebular_emission_follows_kennicutt():
+    """H-alpha of the Cloudy grids under constant star formation: ~2e41 erg/s per Msun/yr (Chabrier IMF)."""
+    wavelength = np.linspace(6400.0, 6700.0, 3001)
+    nebular = nebular_spectra(METALLICITY_SOLAR_INDEX, wavelength)  # [age, wave], Lsun/A per Msun formed
+    line = (wavelength > 6555) & (wavelength < 6570)
+    continuum = np.median(nebular[:, ~line], axis=1, keepdims=True)
+    h_alpha = np.trapezoid((nebular - continuum)[:, line], wavelength[line], axis=1)  # Lsun per Msun formed
+    per_sfr = np.trapezoid(h_alpha, AGE_GRID_YR) * LSUN_ERG_S  # erg/s for 1 Msun/yr sustained
+    assert 1.3e41 < per_sfr < 3.0e41
+    assert np.all(nebular[AGE_GRID_YR > 3e7] == 0)
+
+
 def test_truth_is_consistent(galaxies):
     t = galaxies.truth
     assert np.allclose(np.log10(t["ml_g"] * t["lum_g"]), t["log_mstar"], atol=1e-6)
@@ -52,6 +67,8 @@ def test_colour_mass_to_light_relation_has_a_literature_slope(galaxies):
     t = galaxies.truth
     slope, intercept = np.polyfit(t["g_i"], np.log10(t["ml_g"]), 1)
     assert 0.9 < slope < 1.5
+    residual = np.log10(t["ml_g"]) - (intercept + slope * t["g_i"])
+    assert 0.1 < residual.std() < 0.2  # the literature's scatter about the relation (Bell & de Jong 2001)
     # morphology carries M/L information: bulge-dominated galaxies have higher M/L than discs
     assert np.median(t["ml_g"][t["bt_light_g"] > 0.5]) > 1.5 * np.median(t["ml_g"][t["bt_light_g"] < 0.1])
 

