@@ -7,6 +7,8 @@ from pathlib import Path
 PARTS_DIR = "parts"
 DONE_DIR = "done"
 CATALOG_DIR = "catalog"
+MAPS_STORE = "maps.zarr"  # group: maps (N, P, H, W), object_id (N,); attrs names, units, pixel_scale_arcsec
+SFH_STORE = "sfh.zarr"  # one group per cube id: sfh, metallicity (bins, Y, X), mean maps; attrs units, wcs
 RUN_RECORD = "run.json"
 RUN_LOCK = "run.lock"
 TRUTH_SUFFIX = ".truth.parquet"
@@ -31,6 +33,14 @@ def run_record_path(out_dir: Path) -> Path:
 
 def catalog_path(out_dir: Path) -> Path:
     return Path(out_dir) / CATALOG_DIR
+
+
+def maps_path(out_dir: Path) -> Path:
+    return Path(out_dir) / MAPS_STORE
+
+
+def sfh_path(out_dir: Path) -> Path:
+    return Path(out_dir) / SFH_STORE
 
 
 def truth_path(store_path: Path) -> Path:

@@ -1,0 +1,174 @@
+"""Downstream catalog queries: exact cone searches (RA = 0/360, poles), units, cross-match, SQL, joins, maps."""
+
+from __future__ import annotations
+
+import astropy.units as u
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from astropy.coordinates import SkyCoord
+from astropy.table import Table
+from distributed import Client, LocalCluster
+
+import catalogs
+from catalogs.synthetic import SYNTHETIC_UNITS, synthetic_frame, write_run
+from survey_infer import paths
+
+N_ROWS = 100_000
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as c:
+            yield c
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    return synthetic_frame(N_ROWS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, frame, client):
+    return write_run(tmp_path_factory.mktemp("catalog") / "run", frame, SYNTHETIC_UNITS, client)
+
+
+def brute_force_cone(frame: pd.DataFrame, ra: float, dec: float, radius_arcsec: float) -> np.ndarray:
+    """object_ids within the radius, by the exact angular distance (Vincenty, astropy)."""
+    centre = SkyCoord(ra * u.deg, dec * u.deg)
+    separation = centre.separation(SkyCoord(frame.ra.to_numpy() * u.deg, frame.dec.to_numpy() * u.deg))
+    return np.sort(frame.object_id.to_numpy()[separation.to_value(u.arcsec) <= radius_arcsec])
+
+
+@pytest.mark.parametrize(
+    "ra, dec, radius_arcsec",
+    [
+        (0.0, 0.0, 600.0),  # straddles RA = 0/360
+        (359.98, 2.0, 900.0),
+        (0.03, -3.0, 1200.0),
+        (123.0, 89.97, 400.0),  # contains the north pole
+        (10.0, -89.9, 700.0),  # near the south pole, not containing it
+        (200.0, 30.0, 7200.0),  # an ordinary 2-degree cone
+    ],
+)
+def test_cone_search_is_exact(run_dir, frame, ra, dec, radius_arcsec):
+    expected = brute_force_cone(frame, ra, dec, radius_arcsec)
+    assert expected.size > 5  # the cone really tests something
+    found = catalogs.open(run_dir).cone(ra, dec, radius_arcsec).to_pandas()
+    assert np.array_equal(np.sort(found.object_id.to_numpy()), expected)
+
+
+def test_quantities_for_positions_radii_and_filters(run_dir, frame):
+    run = catalogs.open(run_dir)
+    by_quantity = run.cone(0.0 * u.deg, 0.0 * u.deg, 10 * u.arcmin).where("distance", "<", 0.2 * u.Gpc)
+    got = by_quantity.to_pandas()
+    expected = brute_force_cone(frame, 0.0, 0.0, 600.0)
+    expected = np.sort(frame.set_index("object_id").loc[expected].query("distance < 200").index.to_numpy())
+    assert np.array_equal(got.object_id.to_numpy(), expected) and len(expected) > 0
+    with pytest.raises(ValueError, match="'distance' is in Mpc"):
+        run.where("distance", "<", 3 * u.kg)
+    with pytest.raises(KeyError, match="no column 'nope'"):
+        run.where("nope", "<", 1)
+    with pytest.raises(ValueError, match="radius must be an angle"):
+        run.cone(0, 0, 3 * u.m)
+
+
+def test_to_astropy_restores_units(run_dir):
+    table = catalogs.open(run_dir).box(ra=(40.0, 41.0), dec=(0.0, 1.0)).to_astropy()
+    assert len(table) > 0
+    assert table["ra"].unit == u.deg and table["distance"].unit == u.Mpc
+    assert table["ml_g"].unit == u.Msun / u.Lsun
+    assert np.all((table["ra"] >= 40 * u.deg) & (table["ra"] <= 41 * u.deg))
+
+
+def test_box_wrapping_through_zero_and_polygon(run_dir, frame):
+    run = catalogs.open(run_dir)
+    wrapped = run.box(ra=(359.9, 0.1), dec=(-1.0, 1.0)).to_pandas()
+    inside = ((frame.ra >= 359.9) | (frame.ra <= 0.1)) & (frame.dec.between(-1.0, 1.0))
+    assert np.array_equal(wrapped.object_id.to_numpy(), np.sort(frame.object_id[inside].to_numpy()))
+    polygon = run.polygon([(200.0, 20.0), (204.0, 20.0), (204.0, 24.0), (200.0, 24.0)]).to_pandas()
+    assert len(polygon) > 0 and polygon.ra.between(199.9, 204.1).all() and polygon.dec.between(19.9, 24.1).all()
+
+
+def test_xmatch_with_an_external_table_is_nearest_within_radius(run_dir, frame, tmp_path):
+    rng = np.random.default_rng(5)
+    picked = frame.sample(300, random_state=1)
+    offset_arcsec = rng.uniform(0.1, 0.8, len(picked))
+    angle = rng.uniform(0, 2 * np.pi, len(picked))
+    moved = SkyCoord(picked.ra.to_numpy() * u.deg, picked.dec.to_numpy() * u.deg).directional_offset_by(
+        angle * u.rad, offset_arcsec * u.arcsec
+    )
+    external = Table({"ra": moved.ra.deg * u.deg, "dec": moved.dec.deg * u.deg, "name": [f"x{i}" for i in picked.object_id]})
+    path = tmp_path / "external.ecsv"
+    external.write(path)
+    matched = catalogs.open(run_dir).xmatch(path, radius=1 * u.arcsec).to_pandas()
+    assert set(matched.name) <= set(external["name"])
+    by_name = matched.set_index("name")
+    for oid, off in zip(picked.object_id.to_numpy()[:50], offset_arcsec[:50]):
+        row = by_name.loc[f"x{oid}"]
+        # the nearest catalog row is the displaced source itself unless another lies closer (rare at 100k)
+        assert row["_dist_arcsec"] <= 1.0
+        if row["object_id"] == oid:
+            assert row["_dist_arcsec"] == pytest.approx(off, abs=1e-6)
+    assert (by_name.object_id.to_numpy() == np.array([int(n[1:]) for n in by_name.index])).mean() > 0.95
+
+
+def test_sql_over_the_catalog(run_dir, frame):
+    run = catalogs.open(run_dir)
+    result = run.sql("SELECT count(*) AS n, sum(flag) AS flagged, max(ml_g) AS top FROM objects")
+    assert int(result.n[0]) == len(frame)
+    assert int(result.flagged[0]) == int(frame.flag.sum())
+    assert result.top[0] == pytest.approx(frame.ml_g.max())
+
+
+def test_info_names_the_run(run_dir):
+    info = catalogs.open(run_dir).info()
+    assert info["rows"] == N_ROWS and info["task"] == "synthetic" and info["columns"]["distance"] == "Mpc"
+
+
+def test_open_refuses_incomplete_and_missing_runs(tmp_path, run_dir):
+    with pytest.raises(FileNotFoundError, match="not a survey-infer run"):
+        catalogs.open(tmp_path)
+    record = paths.run_record_path(run_dir).read_text()
+    try:
+        paths.run_record_path(run_dir).write_text(record.replace('"complete"', '"running"'))
+        with pytest.raises(ValueError, match="status 'running'"):
+            catalogs.open(run_dir)
+        assert catalogs.open(run_dir, require_complete=False).info()["status"] == "running"
+    finally:
+        paths.run_record_path(run_dir).write_text(record)
+
+
+def test_two_runs_join_on_object_id(tmp_path, frame, client):
+    small = frame.iloc[:5000]
+    first = write_run(tmp_path / "a", small, SYNTHETIC_UNITS, client, task="mass_to_light")
+    other = small.assign(ml_g=small.ml_g * 2)[["object_id", "ra", "dec", "ml_g"]]
+    second = write_run(tmp_path / "b", other, SYNTHETIC_UNITS, client, task="property_maps")
+    joined = catalogs.open_runs([first, second]).to_pandas()
+    assert len(joined) == len(small)
+    assert np.allclose(joined.ml_g_property_maps, 2 * joined.ml_g)
+    assert catalogs.open_runs([first, second]).units["ml_g_property_maps"] == "Msun/Lsun"
+
+
+def test_maps_by_object_with_units_and_wcs(run_dir):
+    group = zarr.open_group(paths.maps_path(run_dir), mode="w")
+    ids = np.array([7, 11, 13], dtype=np.int64)
+    maps = np.random.default_rng(0).normal(size=(3, 2, 8, 8)).astype(np.float32)
+    group.create_array("maps", data=maps)
+    group.create_array("object_id", data=ids)
+    group.attrs.update(names=["log_mstar", "log_age"], units=["dex(Msun)", "dex(yr)"], pixel_scale_arcsec=0.4)
+    try:
+        found = catalogs.open(run_dir).maps(11)
+        assert np.array_equal(found.data["log_age"].value, maps[1, 1])
+        assert found.data["log_mstar"].unit == u.dex(u.Msun)
+        centre = found.wcs.pixel_to_world(3.5, 3.5)
+        row = catalogs.open(run_dir).sql("SELECT ra, dec FROM objects WHERE object_id = 11")
+        assert centre.separation(SkyCoord(row.ra[0] * u.deg, row.dec[0] * u.deg)) < 1e-3 * u.arcsec
+        with pytest.raises(KeyError, match="object_id 12 has no maps"):
+            catalogs.open(run_dir).maps(12)
+    finally:
+        import shutil
+
+        shutil.rmtree(paths.maps_path(run_dir))
