@@ -1,8 +1,8 @@
 """The `survey-infer` command line.
 
 Exit status: 0 every unit done; 1 some unit failed; 2 refused before any work (bad input or arguments).
-`training` and `deploy` are reached through lazy imports of their public functions, so the runtime package
-never depends on them.
+`training`, `deploy` and `catalogs` are reached through lazy imports of their public functions, so the runtime
+package never depends on them.
 """
 
 from __future__ import annotations
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("bundle", type=Path)
 
     sub.add_parser("bundles", help="list the shipped model bundles")
+
+    catalog = sub.add_parser("catalog", add_help=False,
+                             help="query a run's outputs: info, cone, xmatch, sql, show (see `catalog --help`)")
+    catalog.add_argument("catalog_args", nargs=argparse.REMAINDER)
 
     demo = sub.add_parser("demo", help="mock a small survey and run every task on it with the shipped bundles")
     demo.add_argument("--output", type=Path, default=Path("survey-infer-demo"))
@@ -182,11 +186,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.output, n=args.n, workers=args.workers)
 
 
-COMMANDS = {"run": cmd_run, "mock": cmd_mock, "train": cmd_train, "export": cmd_export, "bundles": cmd_bundles,
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from catalogs.cli import main as catalog_main
+
+    return catalog_main(args.catalog_args)
+
+
+COMMANDS = {"catalog": cmd_catalog, "run": cmd_run, "mock": cmd_mock, "train": cmd_train, "export": cmd_export, "bundles": cmd_bundles,
             "demo": cmd_demo}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["catalog"]:  # its own parser, so that `catalog --help` and its options reach it whole
+        return cmd_catalog(argparse.Namespace(catalog_args=argv[1:]))
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:

@@ -172,3 +172,49 @@ def test_maps_by_object_with_units_and_wcs(run_dir):
         import shutil
 
         shutil.rmtree(paths.maps_path(run_dir))
+
+
+def test_cli_cone_sql_info_xmatch_and_show(run_dir, frame, tmp_path, capsys):
+    from survey_infer.cli import main
+
+    out = tmp_path / "cone.ecsv"
+    code = main(["catalog", "cone", str(run_dir), "--ra", "0", "--dec", "0", "--radius", "10arcmin",
+                 "--where", "ml_g > 1", "--columns", "ml_g", "--format", "ecsv", "--output", str(out)])  # fmt: skip
+    assert code == 0
+    table = Table.read(out)
+    inside = brute_force_cone(frame, 0.0, 0.0, 600.0)
+    expected = frame.set_index("object_id").loc[inside].query("ml_g > 1")
+    assert len(table) == len(expected) > 0 and table["ml_g"].unit == u.Msun / u.Lsun
+    assert set(table.colnames) == {"ml_g", "ra", "dec"}
+    assert main(["catalog", "sql", str(run_dir), "SELECT count(*) AS n FROM objects WHERE flag = 1",
+                 "--format", "csv"]) == 0  # fmt: skip
+    assert f"\n{int(frame.flag.sum())}" in capsys.readouterr().out
+    assert main(["catalog", "info", str(run_dir)]) == 0
+    assert '"rows": 100000' in capsys.readouterr().out
+    external = Table({"ra": frame.ra[:20].to_numpy(), "dec": frame.dec[:20].to_numpy()})
+    external.write(tmp_path / "ext.fits")
+    matched = tmp_path / "matched.parquet"
+    assert main(["catalog", "xmatch", str(run_dir), str(tmp_path / "ext.fits"), str(matched)]) == 0
+    assert len(Table.read(matched)) == 20
+    assert main(["catalog", "cone", str(run_dir), "--ra", "0", "--dec", "0", "--radius", "1arcmin",
+                 "--where", "nope > 1"]) == 2  # fmt: skip
+    assert "no column 'nope'" in capsys.readouterr().err
+    assert main(["catalog", "info", str(tmp_path)]) == 2
+    assert not (tmp_path / "cone.ecsv.tmp").exists()
+
+
+def test_cli_show_draws_maps(run_dir, tmp_path):
+    from survey_infer.cli import main
+
+    group = zarr.open_group(paths.maps_path(run_dir), mode="w")
+    group.create_array("maps", data=np.ones((1, 2, 8, 8), dtype=np.float32))
+    group.create_array("object_id", data=np.array([5], dtype=np.int64))
+    group.attrs.update(names=["log_mstar", "log_sfr"], units=["dex(Msun)", "dex(Msun/yr)"], pixel_scale_arcsec=0.4)
+    try:
+        png = tmp_path / "maps.png"
+        assert main(["catalog", "show", str(run_dir), "5", "--png", str(png)]) == 0
+        assert png.stat().st_size > 1000
+    finally:
+        import shutil
+
+        shutil.rmtree(paths.maps_path(run_dir))
