@@ -218,3 +218,44 @@ def test_cli_show_draws_maps(run_dir, tmp_path):
         import shutil
 
         shutil.rmtree(paths.maps_path(run_dir))
+
+
+def test_sfh_cube_with_units_wcs_and_png(run_dir, tmp_path):
+    from survey_infer.cli import main
+
+    root = zarr.open_group(paths.sfh_path(run_dir), mode="w")
+    cube = root.create_group("NGC0001")
+    sfh = np.random.default_rng(1).uniform(size=(16, 6, 5)).astype(np.float32)
+    cube.create_array("sfh", data=sfh)
+    cube.create_array("mean_age", data=np.full((6, 5), 9.5, dtype=np.float32))
+    header = {"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 10.0, "CRVAL2": -5.0, "CRPIX1": 3.0,
+              "CRPIX2": 3.5, "CDELT1": -0.2 / 3600, "CDELT2": 0.2 / 3600}  # fmt: skip
+    cube.attrs.update(units={"sfh": "Msun/yr", "mean_age": "dex(yr)"}, age_bins_yr=list(np.geomspace(1e7, 1.3e10, 16)),
+                      wcs=header)  # fmt: skip
+    try:
+        run = catalogs.open(run_dir)
+        assert run.cube_ids() == ["NGC0001"]
+        found = run.sfh("NGC0001")
+        assert np.array_equal(found.data["sfh"].value, sfh) and found.data["sfh"].unit == u.Msun / u.yr
+        assert found.wcs.pixel_to_world(2.0, 2.5).ra.deg == pytest.approx(10.0)
+        with pytest.raises(KeyError, match="cube 'nope' not in"):
+            run.sfh("nope")
+        png = tmp_path / "sfh.png"
+        assert main(["catalog", "show", str(run_dir), "NGC0001", "--png", str(png)]) == 0
+        assert png.stat().st_size > 1000
+    finally:
+        import shutil
+
+        shutil.rmtree(paths.sfh_path(run_dir))
+
+
+def test_xmatch_against_another_hats_catalog(run_dir, frame, tmp_path, client):
+    other = frame.iloc[1000:1400].assign(ra=lambda f: np.mod(f.ra + 0.3 / 3600, 360.0))
+    other_run = write_run(tmp_path / "other", other[["object_id", "ra", "dec", "ml_g"]], SYNTHETIC_UNITS, client)
+    matched = catalogs.open(run_dir).xmatch(paths.catalog_path(other_run), radius=2.0).to_pandas()
+    # every run row within 2" of an 'other' row gets its nearest one: the displaced twin, plus a few neighbours
+    # in the crowded RA = 0 strip
+    twins = matched[matched.object_id == matched.object_id_other]
+    assert set(twins.object_id) == set(other.object_id)
+    assert np.allclose(twins._dist_arcsec, 0.3 * np.cos(np.radians(twins.dec)), atol=1e-3)
+    assert len(matched) < 1.05 * len(other) and matched._dist_arcsec.max() <= 2.0
