@@ -26,6 +26,7 @@ from astropy.wcs import WCS
 
 from catalogs.selection import Selection, parse_unit, units_of
 from survey_infer import paths
+from survey_infer.hats_catalog import quiet_collection_notice
 
 SQL_TABLE = "objects"  # the table name SQL queries see: every catalog row
 
@@ -66,7 +67,8 @@ class RunCatalog(Selection):
         if not catalog_dir.is_dir():
             raise FileNotFoundError(f"{self.path} has no HATS catalog ({catalog_dir}); it was run with "
                                     "--no-catalog. Re-run it to build one (finished units are skipped).")  # fmt: skip
-        super().__init__(lsdb.open_catalog(catalog_dir), units_of(self._objects_schema()))
+        with quiet_collection_notice():
+            super().__init__(lsdb.open_catalog(catalog_dir), units_of(self._objects_schema()))
 
     @property
     def task(self) -> str:
@@ -76,7 +78,8 @@ class RunCatalog(Selection):
         """The object catalog inside the collection (or the catalog itself, for a bare HATS catalog)."""
         import hats
 
-        found = hats.read_hats(paths.catalog_path(self.path))
+        with quiet_collection_notice():
+            found = hats.read_hats(paths.catalog_path(self.path))
         main_dir = found.main_catalog_dir if hasattr(found, "main_catalog_dir") else found.catalog_path
         return Path(str(main_dir))
 

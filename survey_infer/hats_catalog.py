@@ -7,7 +7,10 @@ The collection (``out/catalog``) holds the object catalog (``objects``) and a ma
 
 from __future__ import annotations
 
+import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,6 +23,25 @@ OBJECTS_NAME = "objects"
 MARGIN_ARCSEC = 10.0  # cross-match radii up to this are exact at partition edges
 # Rows per HEALPix partition before hats-import splits it; small enough for fast cone searches.
 PIXEL_THRESHOLD = 250_000
+
+
+class _CollectionNotice(logging.Filter):
+    """Drops hats' root-logger warning 'Looking for catalog - found collection.': a collection is what we want."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "found collection" not in record.getMessage()
+
+
+@contextmanager
+def quiet_collection_notice() -> Iterator[None]:
+    """Silence that one hats warning while a collection is built or opened."""
+    notice = _CollectionNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 def build_hats_catalog(out_dir: Path, client: Client, *, progress: bool = False) -> Path:
@@ -54,6 +76,7 @@ def build_hats_catalog(out_dir: Path, client: Client, *, progress: bool = False)
         )
         .add_margin(margin_threshold=MARGIN_ARCSEC, is_default=True)
     )  # fmt: skip
-    pipeline_with_client(args, client)
+    with quiet_collection_notice():
+        pipeline_with_client(args, client)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     return target
