@@ -145,9 +145,10 @@ def cmd_sql(args) -> None:
 def cmd_show(args) -> None:
     from catalogs.plots import draw_maps, draw_sfh
     from catalogs.run import open_run
+    from survey_infer import paths
 
     run = open_run(args.run)
-    if args.id.lstrip("-").isdigit() and run.info()["maps"]:
+    if args.id.lstrip("-").isdigit() and paths.maps_path(run.path).exists():
         draw_maps(run.maps(int(args.id)), args.png)
     else:
         draw_sfh(run.sfh(args.id), args.png)

@@ -22,13 +22,17 @@ def _figure(n_panels: int, with_wcs=None):
     return fig, axes
 
 
+def _image_panel(fig, ax, name: str, quantity, cmap: str) -> None:
+    image = ax.imshow(np.asarray(quantity.value), origin="lower", cmap=cmap)
+    ax.set_title(name, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, label=str(quantity.unit) or "")
+
+
 def draw_maps(maps: ObjectMaps, png: Path) -> Path:
     """One panel per map, on the sky (the maps' WCS), each with a colour bar in its unit."""
     fig, axes = _figure(len(maps.data), with_wcs=maps.wcs)
     for ax, (name, quantity) in zip(axes, maps.data.items()):
-        image = ax.imshow(np.asarray(quantity.value), origin="lower", cmap="viridis")
-        ax.set_title(name, fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.046, label=str(quantity.unit) or "")
+        _image_panel(fig, ax, name, quantity, "viridis")
     fig.suptitle(f"object {maps.object_id}")
     return _save(fig, png)
 
@@ -39,9 +43,7 @@ def draw_sfh(cube: CubeSFH, png: Path) -> Path:
     stacks = {n: q for n, q in cube.data.items() if q.ndim == 3}
     fig, axes = _figure(len(planes) + (1 if stacks else 0))
     for ax, (name, quantity) in zip(axes, planes.items()):
-        image = ax.imshow(np.asarray(quantity.value), origin="lower", cmap="magma")
-        ax.set_title(name, fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.046, label=str(quantity.unit) or "")
+        _image_panel(fig, ax, name, quantity, "magma")
     if stacks:
         ax = axes[-1]
         name, quantity = next(iter(stacks.items()))

@@ -68,27 +68,17 @@ class RunCatalog(Selection):
             raise FileNotFoundError(f"{self.path} has no HATS catalog ({catalog_dir}); it was run with "
                                     "--no-catalog. Re-run it to build one (finished units are skipped).")  # fmt: skip
         with quiet_collection_notice():
-            super().__init__(lsdb.open_catalog(catalog_dir), units_of(self._objects_schema()))
+            self.objects_dir = _objects_dir(catalog_dir)
+            catalog = lsdb.open_catalog(catalog_dir)
+        super().__init__(catalog, units_of(self.objects_dir / "dataset" / "_common_metadata"))
 
     @property
     def task(self) -> str:
         return str(self.record.get("task", ""))
 
-    def _objects_dir(self) -> Path:
-        """The object catalog inside the collection (or the catalog itself, for a bare HATS catalog)."""
-        import hats
-
-        with quiet_collection_notice():
-            found = hats.read_hats(paths.catalog_path(self.path))
-        main_dir = found.main_catalog_dir if hasattr(found, "main_catalog_dir") else found.catalog_path
-        return Path(str(main_dir))
-
-    def _objects_schema(self) -> Path:
-        return self._objects_dir() / "dataset" / "_common_metadata"
-
     def parquet_files(self) -> list[Path]:
         """The object catalog's Parquet files (HEALPix partitions)."""
-        return sorted((self._objects_dir() / "dataset").glob("Norder=*/Dir=*/Npix=*.parquet"))
+        return sorted((self.objects_dir / "dataset").glob("Norder=*/Dir=*/Npix=*.parquet"))
 
     def sql(self, query: str):
         """Run DuckDB SQL over the catalog; the rows are the table ``objects``. Returns a pandas DataFrame."""
@@ -167,6 +157,14 @@ class RunCatalog(Selection):
                 for name, arr in group.arrays()}  # fmt: skip
         header = group.attrs.get("wcs")
         return CubeSFH(str(cube_id), data, np.asarray(group.attrs.get("age_bins_yr", [])), WCS(header) if header else None)
+
+
+def _objects_dir(catalog_dir: Path) -> Path:
+    """The object catalog inside a collection (or the catalog itself, for a bare HATS catalog)."""
+    import hats
+
+    found = hats.read_hats(catalog_dir)
+    return Path(str(found.main_catalog_dir if hasattr(found, "main_catalog_dir") else found.catalog_path))
 
 
 def _tan_wcs(ra: float, dec: float, scale_arcsec: float, shape: tuple[int, int]) -> WCS:

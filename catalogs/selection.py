@@ -21,24 +21,24 @@ COMPARISONS = ("<", "<=", ">", ">=", "==", "!=")
 DISTANCE_COLUMN = "_dist_arcsec"  # the separation column lsdb's cross-match adds
 
 
+def _angle(value: float | u.Quantity, unit: u.UnitBase, what: str) -> float:
+    """An angle as a number in ``unit``; a bare number is taken to be in ``unit`` already."""
+    if not isinstance(value, u.Quantity):
+        return float(value)
+    try:
+        return float(value.to_value(unit))
+    except u.UnitConversionError:
+        raise ValueError(f"{what} must be an angle, got {value}") from None
+
+
 def arcsec(value: float | u.Quantity, what: str = "radius") -> float:
     """An angle in arcsec; a bare number is taken as arcsec."""
-    if isinstance(value, u.Quantity):
-        try:
-            return float(value.to_value(u.arcsec))
-        except u.UnitConversionError:
-            raise ValueError(f"{what} must be an angle, got {value}") from None
-    return float(value)
+    return _angle(value, u.arcsec, what)
 
 
 def degrees(value: float | u.Quantity, what: str) -> float:
     """An angle in degrees; a bare number is taken as degrees."""
-    if isinstance(value, u.Quantity):
-        try:
-            return float(value.to_value(u.deg))
-        except u.UnitConversionError:
-            raise ValueError(f"{what} must be an angle, got {value}") from None
-    return float(value)
+    return _angle(value, u.deg, what)
 
 
 def parse_unit(text: str) -> u.UnitBase | None:

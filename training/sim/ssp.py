@@ -134,13 +134,8 @@ def nebular_spectra(metallicity_index: int, wavelength: np.ndarray) -> np.ndarra
     width = 0.5 * (wavelength[pixel + 1] - wavelength[pixel - 1])
     for k in np.flatnonzero(inside):
         spectra[:, pixel[k]] += lines[1:, 1 + k] / width[k]
-    young = AGE_GRID_YR <= neb_ages[-1]
-    out = np.zeros((len(AGE_GRID_YR), len(wavelength)))
-    log_neb = np.log10(neb_ages)
-    for a in np.flatnonzero(young):
-        j = int(np.clip(np.searchsorted(log_neb, np.log10(AGE_GRID_YR[a])) - 1, 0, len(log_neb) - 2))
-        t = float(np.clip((np.log10(AGE_GRID_YR[a]) - log_neb[j]) / (log_neb[j + 1] - log_neb[j]), 0.0, 1.0))
-        out[a] = (1 - t) * spectra[j] + t * spectra[j + 1]
+    out = _resample_ages(spectra, neb_ages)
+    out[AGE_GRID_YR > neb_ages[-1]] = 0.0  # no HII regions around older populations
     return out
 
 
