@@ -37,6 +37,27 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_ingest_parser(sub: argparse._SubParsersAction) -> None:
+    ingest = sub.add_parser("ingest", help="turn FITS images and catalogs into a survey store")
+    kinds = ingest.add_subparsers(dest="kind", required=True)
+    tiles = kinds.add_parser("tiles", help="multi-band FITS tiles with WCS + a source catalog -> a tiles store",
+                             description="Cutouts are cut from the tiles at run time, at each bundle's framing.")
+    tiles.add_argument("store", type=Path, help="the tiles store to write (Zarr v3)")
+    tiles.add_argument("--images", action="append", required=True, metavar="BAND=FILE[,BAND=FILE...]",
+                       help="the bands of one tile, e.g. 'g=a_g.fits,r=a_r.fits.bz2,i=a_i.fits[1]'; once per tile")
+    tiles.add_argument("--sources", type=Path, required=True, help="source catalog (.fits, .ecsv, .parquet, .csv)")
+    tiles.add_argument("--ra-col", default="ra", help="RA column, deg (default ra)")
+    tiles.add_argument("--dec-col", default="dec", help="Dec column, deg (default dec)")
+    tiles.add_argument("--id-col", default="object_id", help="integer object id column (default object_id)")
+    tiles.add_argument("--size-col", help="half-light radius column, e.g. 'petroR50[1]' (default: measured on the tile)")
+    tiles.add_argument("--size-unit", default="arcsec", help="unit of --size-col when the catalog gives none")
+    tiles.add_argument("--keep", action="append", default=[], metavar="COLUMN",
+                       help="copy this catalog column into the store (e.g. lum_g for log M*); repeatable")
+    tiles.add_argument("--reproject", action="store_true",
+                       help="resample bands on another pixel grid onto the first band's (default: refuse them)")
+    tiles.add_argument("--overwrite", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="survey-infer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -76,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--time-budget", type=float, help="seconds: start no epoch that would end later")
     train.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+
+    _add_ingest_parser(sub)
 
     export = sub.add_parser("export", help="export a bundle's model.onnx (deploy)")
     export.add_argument("bundle", type=Path)
@@ -146,6 +169,22 @@ def cmd_mock(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from survey_infer.tiles import ingest_tiles, parse_images_spec
+
+    tick = time.time()
+    summary = ingest_tiles(args.store, [parse_images_spec(spec) for spec in args.images], args.sources,
+                           ra_col=args.ra_col, dec_col=args.dec_col, id_col=args.id_col, size_col=args.size_col,
+                           size_unit=args.size_unit, keep=tuple(args.keep), reproject=args.reproject,
+                           overwrite=args.overwrite)  # fmt: skip
+    print(f"wrote {summary['store']} in {time.time() - tick:.1f} s: {len(summary['tiles'])} tiles, bands "
+          f"{','.join(summary['bands'])}, {summary['sources']} sources ({summary['off_tile']} on no tile, kept "
+          f"and flagged off_tile)")  # fmt: skip
+    for tile_id, count in summary["tiles"].items():
+        print(f"  {tile_id}: {count} sources")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from deploy.export import export_onnx
     from training.train import train_mass_to_light
@@ -192,7 +231,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return catalog_main(args.catalog_args)
 
 
-COMMANDS = {"catalog": cmd_catalog, "run": cmd_run, "mock": cmd_mock, "train": cmd_train, "export": cmd_export, "bundles": cmd_bundles,
+COMMANDS = {"catalog": cmd_catalog, "run": cmd_run, "ingest": cmd_ingest, "mock": cmd_mock, "train": cmd_train, "export": cmd_export, "bundles": cmd_bundles,
             "demo": cmd_demo}  # fmt: skip
 
 

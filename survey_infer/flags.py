@@ -13,8 +13,9 @@ FLAG_BITS: dict[str, int] = {
     "edge_padded": 32,  # the cutout was padded at a tile edge
     "missing_band": 64,  # a band the model needs is missing
     "out_of_range": 128,  # an input lies outside the range the model was trained on
+    "no_size": 256,  # no half-light radius given or measurable: the cutout cannot be framed like the training data
 }
-NO_ESTIMATE = FLAG_BITS["nan_pixels"] | FLAG_BITS["empty_cutout"] | FLAG_BITS["off_tile"] | FLAG_BITS["missing_band"]
+NO_ESTIMATE = FLAG_BITS["nan_pixels"] | FLAG_BITS["empty_cutout"] | FLAG_BITS["off_tile"] | FLAG_BITS["missing_band"] | FLAG_BITS["no_size"]
 
 
 def flag_reasons(flags: np.ndarray) -> list[str]:

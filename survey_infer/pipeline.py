@@ -32,13 +32,16 @@ from survey_infer.outputs import (
     read_done_marker,
     write_run_record,
 )
-from survey_infer.store import CutoutStoreInfo, open_cutouts
-from survey_infer.tasks import get_task
+from survey_infer.store import CutoutStoreInfo, open_cutouts, store_kind
+from survey_infer.tasks import Task, get_task
+from survey_infer.tiles import TilesStoreInfo, cutting_summary, open_tiles
 from survey_infer.worker import PLUGIN_NAME, EngineKey, EnginePlugin, UnitSpec, process_unit
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED = 0, 1
+TILE_ROWS_PER_READ = 256  # sources cut per batch from a tile
+InputStore = CutoutStoreInfo | TilesStoreInfo
 
 
 @dataclass
@@ -47,7 +50,7 @@ class RunPlan:
 
     config: RunConfig
     bundle: Bundle
-    store: CutoutStoreInfo
+    store: InputStore
     spec: UnitSpec
     identity: dict[str, str]
     resume: bool
@@ -75,28 +78,49 @@ def _rows_per_unit(config: RunConfig, info: CutoutStoreInfo) -> int:
     return rows
 
 
+def open_input(config: RunConfig, task: Task) -> InputStore:
+    """Open and validate the run's input store, of a kind the task can read (a cutout task also reads tiles)."""
+    kind = store_kind(config.input)
+    readable = {"cutouts": ("cutouts", "tiles")}.get(task.store_kind, (task.store_kind,))
+    if kind not in readable:
+        raise StoreError(f"task {task.name} reads {' or '.join(readable)} stores; {config.input} is a {kind!r} store")
+    if kind == "cutouts":
+        return open_cutouts(config.input)
+    if kind == "tiles":
+        if config.rows_per_unit:
+            raise RefusedError("--rows-per-unit does not apply to a tiles store: one unit is one tile")
+        return open_tiles(config.input)
+    raise StoreError(f"task {task.name} needs a {kind!r} store, which this version cannot read")
+
+
+def _units(config: RunConfig, info: InputStore) -> tuple[tuple[tuple[int, int], ...], int]:
+    """Each unit's row range, and the rows read per batch."""
+    if info.unit_bounds is not None:
+        return info.unit_bounds, TILE_ROWS_PER_READ
+    rows_per_unit = _rows_per_unit(config, info)
+    starts = range(0, info.n_rows, rows_per_unit)
+    return tuple((s, min(s + rows_per_unit, info.n_rows)) for s in starts), min(info.rows_per_read, rows_per_unit)
+
+
 def plan_run(config: RunConfig) -> RunPlan:
     """Check everything that can refuse the job and decide which units are left; writes nothing."""
     task = get_task(config.task)
     bundle = load_bundle(config.bundle or default_bundle_path(task.name), task=task.name)
-    info = open_cutouts(config.input) if task.store_kind == "cutouts" else None
-    if info is None:
-        raise StoreError(f"task {task.name} needs a {task.store_kind!r} store, which this version cannot read")
-    task.check_store(info, bundle)
-    rows_per_unit = _rows_per_unit(config, info)
+    info = open_input(config, task)
+    cut = task.check_store(info, bundle)
+    unit_bounds, rows_per_read = _units(config, info)
     identity = {"input": info.fingerprint(), "bundle": bundle.sha256()}
     resume = check_output_dir(config.output, identity, config.overwrite)
     engine_key = EngineKey(str(bundle.path.resolve()), config.engine, config.resolved_engine_threads(), config.device)
     spec = UnitSpec(
-        task=task.name, store=str(info.path.resolve()), out_dir=str(config.output.resolve()),
-        engine_key=engine_key, n_rows=info.n_rows, rows_per_unit=rows_per_unit,
-        rows_per_read=min(info.rows_per_read, rows_per_unit), columns=tuple(task.input_columns(bundle)),
-        available_columns=tuple(info.columns),
+        task=task.name, store=str(info.path.resolve()), store_kind=info.kind,
+        columns_path=str(info.columns_path.resolve()), out_dir=str(config.output.resolve()), engine_key=engine_key,
+        unit_bounds=unit_bounds, rows_per_read=rows_per_read, columns=tuple(task.input_columns(bundle)),
+        available_columns=tuple(info.columns), unit_tiles=getattr(info, "unit_tiles", ()), cut=cut,
     )  # fmt: skip
-    n_units = -(-info.n_rows // rows_per_unit)
-    plan = RunPlan(config, bundle, info, spec, identity, resume, n_units)
+    plan = RunPlan(config, bundle, info, spec, identity, resume, len(unit_bounds))
     if resume:
-        for unit in range(n_units):
+        for unit in range(plan.n_units):
             marker = read_done_marker(config.output, unit)
             if marker is not None and marker.get("rows") == spec.rows(unit)[1] - spec.rows(unit)[0]:
                 plan.done[unit] = marker
@@ -111,8 +135,8 @@ def _base_record(plan: RunPlan, started: float) -> dict[str, Any]:
         "identity": plan.identity,
         "bundle": {"id": plan.bundle.id, "sha256": plan.identity["bundle"], "path": str(plan.bundle.path.resolve()),
                    "files": plan.bundle.meta["files"]},
-        "input": {"path": str(plan.store.path.resolve()), "kind": "cutouts", "rows": plan.store.n_rows,
-                  "image_shape": list(plan.store.image_shape), "fingerprint": plan.identity["input"]},
+        "input": {"path": str(plan.store.path.resolve()), "kind": plan.store.kind, "rows": plan.store.n_rows,
+                  **plan.store.describe(), "fingerprint": plan.identity["input"]},
         "config": config.to_record(),
         "code_version": survey_infer.__version__,
         "python": sys.version.split()[0],
@@ -217,5 +241,7 @@ def _run_locked(config: RunConfig, client: Client, plan: RunPlan, started: float
                  "worker_infer_seconds": round(sum(s["infer_seconds"] for s in summaries.values()), 3)},
         finished=datetime.now(timezone.utc).isoformat(),
     )  # fmt: skip
+    if plan.spec.cut is not None:
+        record["input"]["cutting"] = cutting_summary(plan.spec.cut, finished.values())
     write_run_record(config.output, record)
     return RunResult(EXIT_OK if ok else EXIT_FAILED, record)

@@ -50,17 +50,36 @@ class CutoutStoreInfo:
     def bands(self) -> list[str]:
         return list(self.attrs.get("bands", []))
 
-    def fingerprint(self) -> str:
-        """sha256 of the store's identity: its metadata documents and shapes (not its pixels).
+    kind: str = "cutouts"
 
-        Used to tell whether an output directory holds a run of this same input.
-        """
-        digest = hashlib.sha256()
-        digest.update(str(self.path.resolve()).encode())
-        for meta in sorted(self.path.glob("**/zarr.json")):
-            digest.update(str(meta.relative_to(self.path)).encode())
-            digest.update(meta.read_bytes())
-        return digest.hexdigest()
+    @property
+    def columns_path(self) -> Path:
+        """The group that holds the per-object columns."""
+        return self.path
+
+    @property
+    def unit_bounds(self) -> None:
+        """Cutout stores are cut into units by ``rows_per_unit`` (see the pipeline), not by the store."""
+        return None
+
+    def fingerprint(self) -> str:
+        return store_fingerprint(self.path)
+
+    def describe(self) -> dict[str, Any]:
+        return {"image_shape": list(self.image_shape)}
+
+
+def store_fingerprint(path: Path) -> str:
+    """sha256 of a store's identity: its path and metadata documents (not its pixels).
+
+    Used to tell whether an output directory holds a run of this same input.
+    """
+    digest = hashlib.sha256()
+    digest.update(str(path.resolve()).encode())
+    for meta in sorted(path.glob("**/zarr.json")):
+        digest.update(str(meta.relative_to(path)).encode())
+        digest.update(meta.read_bytes())
+    return digest.hexdigest()
 
 
 def create_cutouts_store(
@@ -119,7 +138,7 @@ def write_block(group: zarr.Group, start: int, images: np.ndarray, columns: dict
         group[name][start:stop] = values
 
 
-def _open_group(path: Path) -> zarr.Group:
+def open_group(path: Path) -> zarr.Group:
     if not path.exists():
         raise StoreError(f"store {path} does not exist")
     if not path.is_dir():
@@ -136,7 +155,7 @@ def _open_group(path: Path) -> zarr.Group:
 def store_kind(path: str | Path) -> str:
     """The kind of a survey-infer store, refusing anything that is not one."""
     path = Path(path)
-    group = _open_group(path)
+    group = open_group(path)
     marker = group.attrs.get("survey_infer")
     if not isinstance(marker, dict) or "kind" not in marker:
         raise StoreError(
@@ -161,7 +180,7 @@ def open_cutouts(path: str | Path) -> CutoutStoreInfo:
     kind = store_kind(path)
     if kind != "cutouts":
         raise StoreError(f"store {path} is of kind {kind!r}; a 'cutouts' store was expected")
-    group = _open_group(path)
+    group = open_group(path)
     arrays = dict(group.arrays())
     if IMAGE_ARRAY not in arrays:
         raise StoreError(f"store {path} has no '{IMAGE_ARRAY}' array; (N, C, H, W) float32 or float16 was expected")

@@ -25,6 +25,7 @@ from survey_infer.engines import Engine, make_engine
 from survey_infer.flags import flag_reasons
 from survey_infer.outputs import catalog_schema, write_done_marker, write_part_atomic
 from survey_infer.store import iter_image_batches, read_columns
+from survey_infer.tiles import CutSpec, iter_tile_batches
 from survey_infer.tasks import get_task
 
 PLUGIN_NAME = "survey-infer-engines"
@@ -77,21 +78,42 @@ class EnginePlugin(WorkerPlugin):
 
 @dataclass(frozen=True)
 class UnitSpec:
-    """Everything a worker needs to process units of one run (sent once per task, small)."""
+    """Everything a worker needs to process units of one run (sent once per task, small).
+
+    ``unit_bounds`` holds each unit's row range. For a `tiles` store, ``unit_tiles`` names each unit's tile
+    and ``cut`` says how to cut and prepare its cutouts.
+    """
 
     task: str
     store: str
+    store_kind: str
+    columns_path: str
     out_dir: str
     engine_key: EngineKey
-    n_rows: int
-    rows_per_unit: int
+    unit_bounds: tuple[tuple[int, int], ...]
     rows_per_read: int
     columns: tuple[str, ...]
     available_columns: tuple[str, ...]
+    unit_tiles: tuple[int, ...] = ()
+    cut: CutSpec | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return self.unit_bounds[-1][1] if self.unit_bounds else 0
 
     def rows(self, unit_index: int) -> tuple[int, int]:
-        start = unit_index * self.rows_per_unit
-        return start, min(start + self.rows_per_unit, self.n_rows)
+        return self.unit_bounds[unit_index]
+
+
+def unit_batches(spec: UnitSpec, unit_index: int, stats: dict[str, Any]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(offset, images (n, C, H, W) float32, flags (n,)) for one unit, read or cut from its store."""
+    start, stop = spec.rows(unit_index)
+    store = Path(spec.store)
+    if spec.store_kind == "tiles":
+        yield from iter_tile_batches(store, spec.unit_tiles[unit_index], start, stop, spec.cut, spec.rows_per_read, stats)
+        return
+    for offset, images in iter_image_batches(store, start, stop, spec.rows_per_read):
+        yield offset, images, np.zeros(len(images), np.int32)
 
 
 def prefetched(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
@@ -139,20 +161,21 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
     task = get_task(spec.task)
     bundle, engine = loaded_engine(spec.engine_key)
     start, stop = spec.rows(unit_index)
-    store = Path(spec.store)
     wanted = ["object_id", "ra", "dec"] + [c for c in spec.columns if c in spec.available_columns]
-    columns = read_columns(store, start, stop, wanted)
+    columns = read_columns(Path(spec.columns_path), start, stop, wanted)
     for name in spec.columns:
         columns.setdefault(name, np.full(stop - start, np.nan))
 
     pieces: list[dict[str, np.ndarray]] = []
     infer_seconds = 0.0
-    for offset, images in prefetched(iter_image_batches(store, start, stop, spec.rows_per_read)):
+    reader_stats: dict[str, Any] = {}
+    for offset, images, store_flags in prefetched(unit_batches(spec, unit_index, reader_stats)):
         batch_columns = {k: v[offset : offset + len(images)] for k, v in columns.items()}
         tick = time.perf_counter()
         inputs, flags = task.prepare(images, batch_columns, bundle)
         outputs = engine.run(inputs)
         infer_seconds += time.perf_counter() - tick
+        flags |= store_flags
         results = task.postprocess(outputs, batch_columns, flags, bundle)
         pieces.append({**results, "flag": flags})
 
@@ -169,6 +192,7 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
         "engine": engine.describe(),
         "seconds": round(time.perf_counter() - started, 4),
         "infer_seconds": round(infer_seconds, 4),
+        **({"cutting": reader_stats} if reader_stats else {}),
     }
     write_done_marker(Path(spec.out_dir), unit_index, summary)
     return summary

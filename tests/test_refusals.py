@@ -59,10 +59,17 @@ def test_directory_that_is_no_zarr_group(capsys, tmp_path, tiny_bundle):
 
 
 def test_store_of_the_wrong_kind(capsys, tmp_path, tiny_bundle):
+    group = zarr.open_group(str(tmp_path / "ifu.zarr"), mode="w", zarr_format=3)
+    group.attrs["survey_infer"] = {"format": 1, "kind": "ifu"}
+    message = refused(capsys, tmp_path / "ifu.zarr", tmp_path / "out", tiny_bundle)
+    assert "reads cutouts or tiles stores" in message and "'ifu' store" in message
+
+
+def test_tiles_store_without_sources(capsys, tmp_path, tiny_bundle):
     group = zarr.open_group(str(tmp_path / "tiles.zarr"), mode="w", zarr_format=3)
     group.attrs["survey_infer"] = {"format": 1, "kind": "tiles"}
     message = refused(capsys, tmp_path / "tiles.zarr", tmp_path / "out", tiny_bundle)
-    assert "kind 'tiles'" in message and "'cutouts'" in message
+    assert "has no 'sources' group" in message
 
 
 def test_store_of_another_format_version(capsys, tmp_path, tiny_bundle):

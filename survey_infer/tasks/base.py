@@ -13,6 +13,7 @@ from survey_infer.errors import StoreError
 if TYPE_CHECKING:
     from survey_infer.bundle import Bundle
     from survey_infer.store import CutoutStoreInfo
+    from survey_infer.tiles import CutSpec, TilesStoreInfo
 
 
 @dataclass(frozen=True)
@@ -49,18 +50,34 @@ class CutoutTask(Task):
 
     store_kind = "cutouts"
 
-    def check_store(self, info: CutoutStoreInfo, bundle: Bundle) -> None:
-        """Refuse a store whose images do not match the bundle's input spec."""
+    def check_store(self, info: CutoutStoreInfo | TilesStoreInfo, bundle: Bundle) -> CutSpec | None:
+        """Refuse a store that cannot feed the bundle; for a tiles store, say how to cut its cutouts."""
         spec = bundle.input_spec["image"]
         expected = tuple(spec["shape"])
+        bands = spec.get("bands")
+        if info.kind == "tiles":
+            from survey_infer.tiles import make_cut_spec
+
+            return make_cut_spec(info, list(bands or info.bands[: expected[0]]), expected, self.framing(bundle))
         if info.image_shape != expected:
             raise StoreError(
                 f"array 'images' in {info.path} has cutouts of shape {info.image_shape} (C, H, W); bundle "
                 f"{bundle.id} expects {expected}"
             )
-        bands = spec.get("bands")
         if bands and info.bands and list(info.bands) != list(bands):
             raise StoreError(f"store {info.path} has bands {info.bands}; bundle {bundle.id} expects {bands}")
+        return None
+
+    def framing(self, bundle: Bundle) -> dict:
+        """How the training cutouts were framed, for cutting new ones from tiles: the bundle's
+        ``input_spec.image.framing``, or a fixed ``pixel_scale`` (arcsec/px) it records."""
+        spec = bundle.input_spec["image"]
+        if "framing" in spec:
+            return dict(spec["framing"])
+        if "pixel_scale" in spec:
+            return {"kind": "pixel_scale", "arcsec_per_px": float(spec["pixel_scale"])}
+        raise StoreError(f"bundle {bundle.id} records neither a framing nor a pixel_scale for its cutouts, so "
+                         f"cutouts cannot be cut from tiles for it")  # fmt: skip
 
     def input_columns(self, bundle: Bundle) -> list[str]:
         """Per-object columns read for each unit (besides object_id, ra, dec)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from survey_infer.bundle import Bundle
+from survey_infer.stamps import FOV_IN_HALF_LIGHT_RADII
 from survey_infer.flags import FLAG_BITS, NO_ESTIMATE, image_flags
 from survey_infer.tasks.base import CutoutTask, OutputColumn
 
@@ -22,6 +23,10 @@ class MassToLight(CutoutTask):
 
     def meta_spec(self, bundle: Bundle) -> dict | None:
         return bundle.input_spec.get("meta")
+
+    def framing(self, bundle: Bundle) -> dict:
+        """The simulator frames every mock galaxy in a field ``FOV_IN_HALF_LIGHT_RADII`` half-light radii across."""
+        return {"kind": "half_light", "fov_r_half": FOV_IN_HALF_LIGHT_RADII}
 
     def input_columns(self, bundle: Bundle) -> list[str]:
         meta = self.meta_spec(bundle)
