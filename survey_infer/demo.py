@@ -36,18 +36,18 @@ def _accuracy_against_truth(out_dir: Path, store: Path) -> str:
 
 def run_demo(output: Path, *, n: int = 4000, workers: int = 1) -> int:
     """Mock ``n`` cutouts under ``output`` and run each shipped task on them; return the exit status."""
-    from training.mock import write_mock_cutouts
+    from training.mock import demo_mock_size, demo_summary, write_demo_mock
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    store = output / "mock_cutouts.zarr"
-    tick = time.time()
-    write_mock_cutouts(store, n, seed=20261123, rows_per_unit=DEMO_ROWS_PER_UNIT, rows_per_batch=256, overwrite=True)
-    print(f"mocked {n} g-band cutouts in {time.time() - tick:.1f} s -> {store}")
-
     tasks = sorted({b.task for b in list_shipped_bundles()})
     rows, exit_code = [], 0
     for task in tasks:
+        # Each task runs on the kind of mock it was trained for (training.mock.DEMO_MOCKS: the per-task hook).
+        tick = time.time()
+        n_task = demo_mock_size(task, n)
+        store = write_demo_mock(task, output, n_task, seed=20261123, rows_per_unit=DEMO_ROWS_PER_UNIT)
+        print(f"{task}: mock store {store} ({n_task} rows) ready in {time.time() - tick:.1f} s")
         config = RunConfig(task=task, input=store, output=output / task, workers=workers, overwrite=True)
         plan = plan_run(config)
         tick = time.time()
@@ -61,6 +61,10 @@ def run_demo(output: Path, *, n: int = 4000, workers: int = 1) -> int:
                      str(config.output)))  # fmt: skip
         if task == "mass_to_light":
             print(_accuracy_against_truth(config.output, store))
+        else:
+            summary = demo_summary(task, config.output, store)
+            if summary:
+                print(summary)
 
     header = ("task", "status", "rows in", "rows out", "flagged", "engine", "rows/s", "wall s", "outputs")
     print()

@@ -83,3 +83,64 @@ def _create_maps_array(store: Path, n: int, size: int, rows_per_shard: int, over
         "maps", shape=(n, len(MAP_NAMES), size, size), dtype="float32",
         chunks=(min(64, rows_per_shard), len(MAP_NAMES), size, size),
     )  # fmt: skip
+
+
+def write_mock_clusters(
+    store: str | Path,
+    n: int,
+    *,
+    seed: int = 0,
+    bands: tuple[str, ...] | None = None,
+    rows_per_unit: int = 1024,
+    rows_per_batch: int = 256,
+    overwrite: bool = False,
+) -> Path:
+    """Write a `cutouts` store of ``n`` mock M31 star clusters (3 HST bands, 64 px, linear flux) and
+    ``STORE.truth.parquet`` (log_age, log_mass, log_rh and the nuisance parameters; see training.sim.clusters)."""
+    from training.sim import clusters
+
+    store = Path(store)
+    bands = tuple(bands or clusters.BANDS)
+    group = create_cutouts_store(
+        store, n, (len(bands), clusters.SIZE, clusters.SIZE), {}, survey=clusters.survey_attrs(bands, seed),
+        rows_per_unit=rows_per_unit, rows_per_batch=rows_per_batch, overwrite=overwrite,
+    )  # fmt: skip
+    block = int(group["images"].shards[0])
+    truth_tables = []
+    for index, start in enumerate(range(0, n, block)):
+        count = min(block, n - start)
+        block_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+        sim = clusters.simulate_clusters(count, seed=block_seed, first_id=start, bands=bands)
+        write_block(group, start, sim.images, sim.columns)
+        truth_tables.append(pa.table(sim.truth))
+    pq.write_table(pa.concat_tables(truth_tables), truth_path(store))
+    return store
+
+
+# The mock store each task's demo runs on (the demo asks by task id; a task absent here gets galaxy cutouts).
+DEMO_MOCKS = {"mass_to_light": "cutouts", "star_clusters": "clusters"}
+
+
+def write_demo_mock(task: str, directory: Path, n: int, *, seed: int, rows_per_unit: int) -> Path:
+    """Write the mock store that ``task`` runs on in the demo, ``directory/mock_<kind>.zarr`` (replaced)."""
+    kind = DEMO_MOCKS.get(task, "cutouts")
+    store = Path(directory) / f"mock_{kind}.zarr"
+    if kind == "clusters":
+        return write_mock_clusters(store, n, seed=seed, rows_per_unit=rows_per_unit, overwrite=True)
+    return write_mock_cutouts(store, n, seed=seed, rows_per_unit=rows_per_unit, rows_per_batch=256, overwrite=True)
+
+# Rows mocked per task in the demo at most (cluster mocks are built star by star: ~100 per second per core).
+DEMO_MAX_ROWS = {"star_clusters": 1000}
+
+
+def demo_mock_size(task: str, n: int) -> int:
+    return min(n, DEMO_MAX_ROWS.get(task, n))
+
+
+def demo_summary(task: str, out_dir: Path, store: Path) -> str | None:
+    """A task's accuracy against the mock truth for the demo (None where the task has no summary here)."""
+    if task == "star_clusters":
+        from training.cluster_report import demo_summary as clusters_summary
+
+        return clusters_summary(out_dir, store)
+    return None

@@ -354,7 +354,17 @@ def train_mass_to_light(
         "files": {},
     }
 
-    # Write beside the destination, then move into place: a crash never leaves a half-written bundle.
+    return write_bundle(out_dir, bundle_id, meta, model)
+
+
+def write_bundle(out_dir: Path, bundle_id: str, meta: dict[str, Any], model: nn.Module) -> Path:
+    """Write ``<out_dir>/<bundle_id>/`` (bundle.json with ``meta`` + weights.safetensors and its sha256).
+
+    Written beside the destination, then moved into place: a crash never leaves a half-written bundle.
+    Shared by every task's training; ``deploy.export.export_onnx`` adds model.onnx afterwards.
+    """
+    out_dir = Path(out_dir)
+    bundle_dir = out_dir / bundle_id
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f".{bundle_id}.tmp"
     if staging.exists():
@@ -362,6 +372,7 @@ def train_mass_to_light(
     staging.mkdir()
     from safetensors.torch import save_file
 
+    meta = {**meta, "files": {}}
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(staging / WEIGHTS_FILE))
     meta["files"][WEIGHTS_FILE] = sha256_file(staging / WEIGHTS_FILE)
     write_json_atomic(staging / BUNDLE_JSON, meta)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from survey_infer.errors import RefusedError
 from survey_infer.tasks.base import CutoutTask, OutputColumn, Task
 
-_TASK_MODULES = {"mass_to_light": "survey_infer.tasks.mass_to_light"}
+_TASK_MODULES = {
+    "mass_to_light": "survey_infer.tasks.mass_to_light",
+    "star_clusters": "survey_infer.tasks.star_clusters",
+}
 
 
 def task_names() -> list[str]:
