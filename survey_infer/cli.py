@@ -70,12 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
 
     mock = sub.add_parser("mock", help="write a mock survey store with its truth")
-    mock.add_argument("kind", choices=["cutouts"], help="store kind")
+    mock.add_argument("kind", choices=["cutouts", "clusters"],
+                      help="cutouts: mock galaxies (SDSS); clusters: mock M31 star clusters (HST, star_clusters)")
     mock.add_argument("store", type=Path)
     mock.add_argument("--n", type=int, default=1000)
     mock.add_argument("--size", type=int, choices=[69, 128], default=69)
     mock.add_argument("--seed", type=int, default=0)
-    mock.add_argument("--bands", default="g", help="SDSS bands of the images, e.g. g or ugriz (default g)")
+    mock.add_argument("--bands", default=None,
+                      help="cutouts: SDSS bands, e.g. g or ugriz (default g); clusters: F336W,F475W,F814W (default) "
+                           "or F336W,F438W,F814W")
     mock.add_argument("--maps", action="store_true", help="also write resolved truth maps (STORE.truth_maps.zarr)")
     mock.add_argument("--rows-per-unit", type=int, default=4096, help="rows per store block (one unit of work)")
     mock.add_argument("--rows-per-batch", type=int, default=256, help="rows per inner chunk (one read)")
@@ -159,10 +162,20 @@ def _print_run_summary(record: dict, out_dir: Path) -> None:
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
-    from training.mock import write_mock_cutouts
+    from training.mock import write_mock_clusters, write_mock_cutouts
 
     tick = time.time()
-    store = write_mock_cutouts(args.store, args.n, size=args.size, seed=args.seed, bands=tuple(args.bands),
+    if args.kind == "clusters":
+        bands = tuple(args.bands.split(",")) if args.bands else None
+        rows_per_unit = args.rows_per_unit if args.rows_per_unit != 4096 else 1024
+        try:
+            store = write_mock_clusters(args.store, args.n, seed=args.seed, bands=bands, rows_per_unit=rows_per_unit,
+                                        rows_per_batch=args.rows_per_batch, overwrite=args.overwrite)  # fmt: skip
+        except ValueError as exc:
+            raise RefusedError(f"mock clusters: {exc}") from exc
+        print(f"wrote {args.n} mock clusters to {store} (truth: {store}.truth.parquet) in {time.time() - tick:.1f} s")
+        return 0
+    store = write_mock_cutouts(args.store, args.n, size=args.size, seed=args.seed, bands=tuple(args.bands or "g"),
                                maps=args.maps, rows_per_unit=args.rows_per_unit, rows_per_batch=args.rows_per_batch,
                                overwrite=args.overwrite)  # fmt: skip
     print(f"wrote {args.n} cutouts to {store} (truth: {store}.truth.parquet) in {time.time() - tick:.1f} s")
