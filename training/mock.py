@@ -126,7 +126,8 @@ def write_demo_mock(task: str, directory: Path, n: int, *, seed: int, rows_per_u
     kind = DEMO_MOCKS.get(task, "cutouts")
     store = Path(directory) / f"mock_{kind}.zarr"
     if kind == "clusters":
-        return write_mock_clusters(store, n, seed=seed, rows_per_unit=rows_per_unit, overwrite=True)
+        return write_mock_clusters(store, n, seed=seed, rows_per_unit=rows_per_unit,
+                                   rows_per_batch=min(256, rows_per_unit), overwrite=True)
     return write_mock_cutouts(store, n, seed=seed, rows_per_unit=rows_per_unit, rows_per_batch=256, overwrite=True)
 
 # Rows mocked per task in the demo at most (cluster mocks are built star by star: ~100 per second per core).
