@@ -35,9 +35,10 @@ def image_flags(images: np.ndarray) -> np.ndarray:
     flat = images.reshape(len(images), -1)
     finite = np.isfinite(flat).all(axis=1)
     flags = np.where(finite, 0, FLAG_BITS["nan_pixels"]).astype(np.int32)
-    with np.errstate(invalid="ignore"):
-        constant = np.nanmax(flat, axis=1) == np.nanmin(flat, axis=1) if flat.shape[1] else np.ones(len(flat), bool)
     all_nan = ~np.isfinite(flat).any(axis=1)
+    with np.errstate(invalid="ignore"):
+        some = np.where(all_nan[:, None], 0.0, flat)  # all-NaN rows: no nanmax/nanmin warning, flagged below
+        constant = np.nanmax(some, axis=1) == np.nanmin(some, axis=1) if flat.shape[1] else np.ones(len(flat), bool)
     flags[(constant | all_nan) & finite] |= FLAG_BITS["empty_cutout"]
     flags[all_nan] |= FLAG_BITS["empty_cutout"]
     return flags

@@ -34,3 +34,46 @@ def log_scale(image: np.ndarray, noise_sigma: np.ndarray | float) -> np.ndarray:
     low = logged.min(axis=(-2, -1), keepdims=True)
     high = logged.max(axis=(-2, -1), keepdims=True)
     return (2.0 * (logged - low) / np.maximum(high - low, 1e-12) - 1.0).astype(np.float32)
+
+
+def _range_median(ordered: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Median of each row's ``ordered[row, low:high]`` (rows sorted ascending; NaN where the range is empty)."""
+    count = high - low
+    left = np.take_along_axis(ordered, np.clip(low + (count - 1) // 2, 0, ordered.shape[1] - 1)[:, None], 1)[:, 0]
+    right = np.take_along_axis(ordered, np.clip(low + count // 2, 0, ordered.shape[1] - 1)[:, None], 1)[:, 0]
+    return np.where(count > 0, 0.5 * (left + right), np.nan)
+
+
+def clipped_sky_and_noise(values: np.ndarray, sigma: float = 3.0, max_iters: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``values`` (N, M; NaN = no pixel): the sigma-clipped median (sky) and the MAD sigma (noise).
+
+    The clipping is astropy's ``sigma_clipped_stats`` default (median centre, std width, +-3 sigma, 5
+    iterations), done on sorted rows so that a whole batch is clipped at once: the kept values are always a
+    contiguous run of a sorted row, so each iteration is a median and a std of a range. Written here because
+    ``sigma_clipped_stats(axis=...)`` costs ~0.5-1 ms per cutout, as much as cutting it.
+    """
+    ordered = np.sort(np.asarray(values, dtype=np.float64), axis=1)  # NaN last
+    n_rows = len(ordered)
+    low = np.zeros(n_rows, dtype=np.int64)
+    high = np.isfinite(ordered).sum(axis=1)
+    filled = np.where(np.isfinite(ordered), ordered, 0.0)
+    sums = np.concatenate([np.zeros((n_rows, 1)), np.cumsum(filled, axis=1)], axis=1)
+    squares = np.concatenate([np.zeros((n_rows, 1)), np.cumsum(filled**2, axis=1)], axis=1)
+    rows = np.arange(n_rows)
+    valid = np.where(np.isfinite(ordered), ordered, np.inf)
+    for _ in range(max_iters):
+        count = np.maximum(high - low, 1)
+        centre = _range_median(ordered, low, high)
+        mean = (sums[rows, high] - sums[rows, low]) / count
+        width = np.sqrt(np.maximum((squares[rows, high] - squares[rows, low]) / count - mean**2, 0.0))
+        new_low = (valid < (centre - sigma * width)[:, None]).sum(axis=1)
+        new_high = (valid <= (centre + sigma * width)[:, None]).sum(axis=1)
+        if np.array_equal(new_low, low) and np.array_equal(new_high, high):
+            break
+        low, high = new_low, new_high
+    sky = _range_median(ordered, low, high)
+    n_valid = np.isfinite(ordered).sum(axis=1)
+    middle = _range_median(ordered, np.zeros(n_rows, dtype=np.int64), n_valid)
+    deviations = np.sort(np.abs(ordered - middle[:, None]), axis=1)
+    noise = 1.4826 * _range_median(deviations, np.zeros(n_rows, dtype=np.int64), n_valid)
+    return sky, noise

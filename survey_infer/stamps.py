@@ -23,11 +23,10 @@ import numpy as np
 from astropy.io import fits
 from astropy.nddata import Cutout2D, NoOverlapError
 from astropy.stats import sigma_clipped_stats
-from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy import ndimage
 
-from survey_infer.imaging import border_mask, log_scale, mad_sigma
+from survey_infer.imaging import border_mask, clipped_sky_and_noise, log_scale
 
 # Full width of a stamp in half-light radii. Must equal the simulator's constant of the same name (the
 # training mocks' framing): a galaxy framed differently looks bigger or smaller to the model than in training.
@@ -230,19 +229,21 @@ def prepare_stamps(stamps: np.ndarray, subtract_sky: bool = True, pad: np.ndarra
     stamps = np.asarray(stamps, dtype=np.float64)
     pad = np.zeros(stamps.shape, dtype=bool) if pad is None else np.asarray(pad, dtype=bool)
     finite = np.isfinite(stamps) & ~pad
-    border = border_mask(stamps.shape[1:])[None] & finite
-    sky_mask = np.where(border.any(axis=(1, 2))[:, None, None], border, finite)
-    sky_pixels = np.where(sky_mask, stamps, np.nan)
-    with warnings.catch_warnings():  # all-NaN stamps: NaN statistics, and an all-NaN result below
-        warnings.simplefilter("ignore", RuntimeWarning)
-        warnings.simplefilter("ignore", AstropyUserWarning)  # "invalid values were clipped": the NaN masks
-        if subtract_sky:
-            sky = sigma_clipped_stats(sky_pixels, sigma=3.0, axis=(1, 2))[1]
-        else:
-            sky = np.zeros(len(stamps))
-        centre = np.nanmedian(sky_pixels, axis=(1, 2), keepdims=True)
-        noise = 1.4826 * np.nanmedian(np.abs(sky_pixels - centre), axis=(1, 2))  # MAD sigma, as mad_sigma()
-        fill = np.nanmedian(np.where(finite, stamps, np.nan), axis=(1, 2))
+    border = border_mask(stamps.shape[1:])
+    sky_pixels = np.where(finite[:, border], stamps[:, border], np.nan)  # (N, border pixels)
+    no_border = ~np.isfinite(sky_pixels).any(axis=1)
+    if no_border.any():  # the border is all NaN or padded: measure on every finite pixel instead
+        wide = np.full((len(stamps), finite[0].size), np.nan)
+        wide[: len(sky_pixels), : sky_pixels.shape[1]] = sky_pixels
+        wide[no_border] = np.where(finite[no_border], stamps[no_border], np.nan).reshape(int(no_border.sum()), -1)
+        sky_pixels = wide
+    sky, noise = clipped_sky_and_noise(sky_pixels)
+    if not subtract_sky:
+        sky = np.zeros(len(stamps))
+    fill = np.zeros(len(stamps))
+    holes = (~finite & ~pad).any(axis=(1, 2)) & finite.any(axis=(1, 2))
+    for row in np.flatnonzero(holes):  # NaN pixels inside the data are filled with the finite median
+        fill[row] = np.median(stamps[row][finite[row]])
     sky, fill = sky[:, None, None], fill[:, None, None]
     filled = np.where(finite, stamps - sky, fill - sky)
     filled[pad] = 0.0  # empty sky
