@@ -345,3 +345,25 @@ def test_real_sdss_frame_with_its_photoobj_catalog(tmp_path):
     assert np.isfinite(images).all()
     with pytest.raises(RefusedError, match=r"bands \['r'\]; the bundle needs \['g'\]"):  # a g-band model
         plan_run(RunConfig(task="mass_to_light", input=store, output=tmp_path / "out"))
+
+
+def test_batch_sky_statistics_equal_astropy_sigma_clipping():
+    """The vectorised sky of prepare_stamps is astropy's sigma_clipped_stats median and the MAD sigma, row by row."""
+    from astropy.stats import sigma_clipped_stats
+
+    from survey_infer.imaging import clipped_sky_and_noise, mad_sigma
+
+    rng = np.random.default_rng(5)
+    values = rng.normal(0.2, 1.0, (40, 900))
+    values[:, :60] += rng.uniform(0, 50, (40, 60))  # sources in the border
+    values[3, 100:700] = np.nan
+    values[7, :] = np.nan
+    values[9, 2:] = np.nan
+    sky, noise = clipped_sky_and_noise(values)
+    for row in range(len(values)):
+        kept = values[row][np.isfinite(values[row])]
+        if not kept.size:
+            assert np.isnan(sky[row]) and np.isnan(noise[row])
+            continue
+        assert sky[row] == pytest.approx(sigma_clipped_stats(kept, sigma=3.0)[1], abs=1e-12)
+        assert noise[row] == pytest.approx(mad_sigma(kept), abs=1e-12)
