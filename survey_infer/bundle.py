@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -94,16 +94,98 @@ class Bundle:
         return model.eval()
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".bin", ".dill")  # formats that unpickle
+
+
+def _bundle_file(bundle_dir: Path, name: Any) -> Path:
+    """The path of a file ``bundle.json`` names, refused unless it is a regular file inside the bundle directory.
+
+    Names are relative POSIX paths without ``..``; no part of the path may be a symbolic link (a link could
+    point anywhere, and its target could change after the sha256 check).
+    """
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        raise BundleError(f"bundle {bundle_dir}: {BUNDLE_JSON} names file {name!r}; a relative path was expected")
+    parts = PurePosixPath(name).parts
+    if PurePosixPath(name).is_absolute() or Path(name).is_absolute() or ".." in parts:
+        raise BundleError(
+            f"bundle {bundle_dir}: {BUNDLE_JSON} names file {name!r} outside the bundle directory; "
+            "files must be relative paths inside it (no '..', not absolute)"
+        )
+    file_path = bundle_dir
+    for part in parts:
+        file_path = file_path / part
+        if file_path.is_symlink():
+            raise BundleError(
+                f"bundle {bundle_dir}: file {name} listed in {BUNDLE_JSON} is (or lies under) a symbolic link "
+                f"({file_path} -> {os.readlink(file_path)}); bundle files must be regular files inside the bundle"
+            )
+    if not file_path.is_file():
+        raise BundleError(f"bundle {bundle_dir}: file {name} listed in {BUNDLE_JSON} is missing")
+    if not file_path.resolve().is_relative_to(bundle_dir.resolve()):  # e.g. a hard-to-see mount trick
+        raise BundleError(f"bundle {bundle_dir}: file {name} resolves outside the bundle directory")
+    return file_path
+
+
+def _refuse_pickle(bundle_dir: Path, name: str, file_path: Path) -> None:
+    """Refuse a pickle (or a PyTorch zip checkpoint, which holds one) whatever its name; check the weights are
+    safetensors. Loading a pickle runs arbitrary code, so a bundle may not even carry one."""
+    if Path(name).suffix.lower() in PICKLE_SUFFIXES:
+        raise BundleError(
+            f"bundle {bundle_dir}: file {name} has a pickle-format suffix ({Path(name).suffix}); bundles hold "
+            f"weights as {WEIGHTS_FILE} (safetensors), never pickles"
+        )
+    with open(file_path, "rb") as handle:
+        head = handle.read(8)
+    is_pickle = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # PROTO opcode of pickle protocols 2-5
+    if head[:4] == b"PK\x03\x04":  # a zip archive: torch.save writes one with a data.pkl inside
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(file_path) as archive:
+                is_pickle = any(n.endswith((".pkl", ".pickle")) for n in archive.namelist())
+        except zipfile.BadZipFile:
+            pass
+    if is_pickle:
+        raise BundleError(f"bundle {bundle_dir}: file {name} is a pickle (or a PyTorch checkpoint holding one); "
+                          f"bundles hold weights as {WEIGHTS_FILE} (safetensors), never pickles")  # fmt: skip
+    if name == WEIGHTS_FILE:
+        _check_safetensors(bundle_dir, file_path)
+
+
+def _check_safetensors(bundle_dir: Path, file_path: Path) -> None:
+    """The safetensors layout: an 8-byte little-endian header length, then a JSON object of that length."""
+    size = file_path.stat().st_size
+    with open(file_path, "rb") as handle:
+        head = handle.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = handle.read(n) if 0 < n <= min(size - 8, 100_000_000) else b""
+    try:
+        parsed = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise BundleError(f"bundle {bundle_dir}: {WEIGHTS_FILE} is not a safetensors file (no valid header)")
+
+
 def load_bundle(path: str | Path, task: str | None = None) -> Bundle:
-    """Open a bundle directory, check its format, task and the sha256 of every listed file."""
+    """Open a bundle directory, check its format, task and the sha256 of every listed file.
+
+    Refused (BundleError, naming the file): a bundle.json or listed file that is a symbolic link or lies under
+    one, a listed name that is absolute or climbs out with ``..``, a pickle (by suffix or by content, PyTorch
+    zip checkpoints included), weights that are not safetensors, and a file whose sha256 differs.
+    """
     path = Path(path)
     meta_path = path / BUNDLE_JSON
+    if meta_path.is_symlink():
+        raise BundleError(f"bundle {path}: {BUNDLE_JSON} is a symbolic link; bundle files must be regular files")
     if not meta_path.is_file():
         raise BundleError(f"bundle {path}: {BUNDLE_JSON} not found")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"bundle {path}: {BUNDLE_JSON} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise BundleError(f"bundle {path}: {BUNDLE_JSON} holds {type(meta).__name__}; a JSON object was expected")
     missing = [key for key in REQUIRED_KEYS if key not in meta]
     if missing:
         raise BundleError(f"bundle {path}: {BUNDLE_JSON} lacks keys {missing}")
@@ -111,16 +193,17 @@ def load_bundle(path: str | Path, task: str | None = None) -> Bundle:
         raise BundleError(f"bundle {path}: bundle_format {meta['bundle_format']!r}; {BUNDLE_FORMAT} was expected")
     if task is not None and meta["task"] != task:
         raise BundleError(f"bundle {path} is for task {meta['task']!r}, not {task!r}")
+    if not isinstance(meta["files"], dict):
+        raise BundleError(f"bundle {path}: {BUNDLE_JSON} 'files' must map file names to sha256 digests")
     if WEIGHTS_FILE not in meta["files"]:
         raise BundleError(f"bundle {path}: {BUNDLE_JSON} lists no {WEIGHTS_FILE}")
     for name, expected in meta["files"].items():
-        file_path = path / name
-        if not file_path.is_file():
-            raise BundleError(f"bundle {path}: file {name} listed in {BUNDLE_JSON} is missing")
+        file_path = _bundle_file(path, name)
+        _refuse_pickle(path, name, file_path)
         actual = sha256_file(file_path)
         if actual != expected:
             raise BundleError(
-                f"bundle {path}: file {name} has sha256 {actual[:16]}..., {BUNDLE_JSON} says {expected[:16]}... "
+                f"bundle {path}: file {name} has sha256 {actual[:16]}..., {BUNDLE_JSON} says {str(expected)[:16]}... "
                 "(tampered with or from another bundle)"
             )
     return Bundle(path=path, meta=meta)
