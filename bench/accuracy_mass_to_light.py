@@ -1,6 +1,6 @@
 """Accuracy of the mass_to_light bundles against truth and the classical baselines, on held-out mock galaxies.
 
-    python bench/accuracy_mass_to_light.py [--bundle DIR ...] [--n 10000] [--engine onnxruntime]
+    python bench/accuracy_mass_to_light.py [--bundle DIR ...] [--n 10000] [--engine onnxruntime] [--precision fp32,int8]
 
 Every bundle (default: every shipped mass_to_light bundle) runs on a held-out set of ``--n`` galaxies simulated
 with a reserved seed (``training.train.EVAL_SEEDS['test']``, never trained on) at the bundle's cutout size,
@@ -30,6 +30,7 @@ import numpy as np
 
 from survey_infer.bundle import Bundle, list_shipped_bundles, load_bundle
 from survey_infer.engines import make_engine
+from survey_infer.engines.base import INT8_ONNX_FILE
 from survey_infer.tasks import get_task
 from training.evaluate import PHOTOMETRIC_NOISE_MAG, fit_colour_relation, observed_colour, regression_metrics
 from training.sim import get_simulator
@@ -47,10 +48,10 @@ WORKSHOP = [
 ]
 
 
-def run_cnn(bundle: Bundle, engine_name: str, threads: int, images, columns, batch: int = 512):
+def run_cnn(bundle: Bundle, engine_name: str, threads: int, images, columns, batch: int = 512, precision: str = "fp32"):
     """ml_g, ml_g_err and the engine description, through the task exactly as a pipeline unit runs it."""
     task = get_task("mass_to_light")
-    engine = make_engine(engine_name, bundle, threads=threads)
+    engine = make_engine(engine_name, bundle, threads=threads, precision=precision)
     wanted = task.input_columns(bundle)
     ml, err = [], []
     for start in range(0, len(images), batch):
@@ -93,10 +94,16 @@ def evaluate_bundle(bundle: Bundle, args, cache: dict) -> list[tuple[str, dict]]
         print(f"simulated {args.n} held-out {size}x{size} galaxies in {time.time() - t0:.1f} s")
     test = cache[key]
     truth = np.asarray(test.truth["ml_g"], dtype=np.float64)
-    t0 = time.time()
-    ml, err, engine_info = run_cnn(bundle, args.engine, args.threads, test.images, test.columns)
-    print(f"{bundle.id}: {engine_info['name']} {time.time() - t0:.1f} s")
-    rows = [(f"CNN {bundle.id}", regression_metrics(ml, err, truth))]
+    rows = []
+    for precision in args.precision.split(","):
+        if precision != "fp32" and INT8_ONNX_FILE not in bundle.meta["files"]:
+            print(f"{bundle.id}: no {INT8_ONNX_FILE}, {precision} skipped (survey-infer quantize)")
+            continue
+        t0 = time.time()
+        ml, err, engine_info = run_cnn(bundle, args.engine, args.threads, test.images, test.columns, precision=precision)
+        print(f"{bundle.id}: {engine_info['name']} {precision} {time.time() - t0:.1f} s")
+        label = f"CNN {bundle.id}" + (f" [{precision}]" if precision != "fp32" else "")
+        rows.append((label, regression_metrics(ml, err, truth)))
     const, const_sd = training["target_train_mean"], training["target_train_std"]
     rows.append((f"constant M/L = {const:.3f} (training mean)",
                  regression_metrics(np.full_like(truth, const), np.full_like(truth, const_sd), truth)))  # fmt: skip
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=10_000, help="held-out test galaxies per cutout size")
     parser.add_argument("--engine", default="onnxruntime")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", help="comma list: fp32,int8 (int8 where the bundle has one)")
     args = parser.parse_args(argv)
     print("command: " + shlex.join([sys.executable, *sys.argv]))
     cache: dict = {}

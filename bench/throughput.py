@@ -242,16 +242,8 @@ def ensure_store(args: argparse.Namespace, workdir: Path) -> tuple[Path, str, fl
             log(f"store {path} unusable ({exc}); re-mocking it")
     log(f"mocking {args.n} cutouts into {path} (about 1 ms a cutout on one core)")
     tick = time.perf_counter()
-    import survey_infer.store as store_module
-
-    compressor = store_module._compressor
-    if args.store_codec == "none":  # experiment only: the store format's codec is survey_infer.store's choice
-        store_module._compressor = lambda: None
-    try:
-        write_mock_cutouts(path, args.n, size=args.size, seed=0, rows_per_unit=args.store_rows_per_unit,
-                           rows_per_batch=args.store_rows_per_batch, overwrite=True)  # fmt: skip
-    finally:
-        store_module._compressor = compressor
+    write_mock_cutouts(path, args.n, size=args.size, seed=0, rows_per_unit=args.store_rows_per_unit,
+                       rows_per_batch=args.store_rows_per_batch, image_codec=args.store_codec, overwrite=True)  # fmt: skip
     return path, "mocked", time.perf_counter() - tick
 
 
@@ -364,7 +356,7 @@ def run_whole_pipeline(args, store: Path, bundle_dir: Path, engine: str, out_dir
     result: dict = {"threads_per_worker": config.threads_per_worker,
                     "engine_threads": config.resolved_engine_threads(),
                     "max_in_flight": config.resolved_max_in_flight(), "n_units": plan.n_units,
-                    "rows_per_unit": plan.spec.rows_per_unit, "rows_per_read": plan.spec.rows_per_read}  # fmt: skip
+                    "rows_per_unit": plan.spec.rows(0)[1] - plan.spec.rows(0)[0], "rows_per_read": plan.spec.rows_per_read}  # fmt: skip
     from survey_infer.cluster import client_for
 
     with client_for(config) as client:
@@ -403,8 +395,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--store", type=Path, help="store to use (reused if it has --n rows, else mocked there)")
     p.add_argument("--store-rows-per-unit", type=int, default=4096, help="rows per block when mocking (4096)")
     p.add_argument("--store-rows-per-batch", type=int, default=256, help="rows per inner chunk when mocking (256)")
-    p.add_argument("--store-codec", choices=["blosc-lz4", "none"], default="blosc-lz4",
-                   help="images codec when mocking: the store format's blosc-lz4 (default) or none (experiment)")
+    p.add_argument("--store-codec", choices=["blosc-lz4", "blosc-zstd", "none"], default="blosc-lz4",
+                   help="images codec when mocking (default blosc-lz4, the store's default)")
     p.add_argument("--bundle", type=Path, help="bundle directory (default: shipped, else width-32 random)")
     p.add_argument("--engines", default="onnxruntime,torch", help="engines to measure bare (default onnxruntime,torch)")
     p.add_argument("--batch", type=int, default=256, help="bare-engine batch size (default 256)")

@@ -23,6 +23,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, help="model bundle directory (default: the shipped one)")
     parser.add_argument("--engine", default="auto", help="auto|torch|onnxruntime|tensorrt (default: auto)")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda (default: auto)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                        help="int8: the bundle's quantized ONNX model (`survey-infer quantize`; default fp32)")
     parser.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes (default 1)")
     parser.add_argument("--threads-per-worker", type=int, help="threads per worker (default: cores / workers)")
     parser.add_argument("--in-process", action="store_true",
@@ -106,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a bundle's model.onnx (deploy)")
     export.add_argument("bundle", type=Path)
 
+    quantize = sub.add_parser("quantize", help="write a bundle's INT8 model.int8.onnx for the CPU (deploy)")
+    quantize.add_argument("bundle", type=Path)
+    quantize.add_argument("--calibration", type=Path, required=True, help="cutouts store to calibrate on")
+    quantize.add_argument("--rows", type=int, default=1024, help="calibration rows (default 1024)")
+    quantize.add_argument("--check-rows", type=int, default=1024,
+                          help="further rows on which int8 is compared with fp32 (default 1024)")
+
     sub.add_parser("bundles", help="list the shipped model bundles")
 
     catalog = sub.add_parser("catalog", add_help=False,
@@ -135,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = RunConfig(
         task=args.task, input=args.input, output=args.output, bundle=args.bundle, engine=args.engine,
-        device=args.device, workers=args.workers, threads_per_worker=args.threads_per_worker, in_process=args.in_process,
+        device=args.device, precision=args.precision, workers=args.workers, threads_per_worker=args.threads_per_worker, in_process=args.in_process,
         engine_threads=args.engine_threads, scheduler=args.scheduler, rows_per_unit=args.rows_per_unit,
         max_in_flight=args.max_in_flight, retries=args.retries, overwrite=args.overwrite,
         build_catalog=not args.no_catalog, progress=not args.no_progress,
@@ -218,6 +227,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from deploy.quantize import quantize_bundle
+
+    path = quantize_bundle(args.bundle, args.calibration, rows=args.rows, check_rows=args.check_rows)
+    check = json.loads((args.bundle / "bundle.json").read_text())["int8"]["vs_fp32_on_held_out_rows"]
+    print(f"wrote {path}; int8 vs fp32 on {check['rows']} held-out rows: "
+          + ", ".join(f"{k} median |diff| {v['median_abs_diff']:.3g} max {v['max_abs_diff']:.3g}"
+                      for k, v in check.items() if k != "rows"))  # fmt: skip
+    return 0
+
+
 def cmd_bundles(args: argparse.Namespace) -> int:
     from survey_infer.bundle import list_shipped_bundles
 
@@ -244,7 +264,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return catalog_main(args.catalog_args)
 
 
-COMMANDS = {"catalog": cmd_catalog, "run": cmd_run, "ingest": cmd_ingest, "mock": cmd_mock, "train": cmd_train, "export": cmd_export, "bundles": cmd_bundles,
+COMMANDS = {"catalog": cmd_catalog, "run": cmd_run, "ingest": cmd_ingest, "mock": cmd_mock, "train": cmd_train, "export": cmd_export, "quantize": cmd_quantize, "bundles": cmd_bundles,
             "demo": cmd_demo}  # fmt: skip
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from survey_infer.engines.base import ENGINE_NAMES
+from survey_infer.engines.base import ENGINE_NAMES, PRECISIONS
 from survey_infer.engines.base import default_threads as available_cores
 from survey_infer.errors import RefusedError
 
@@ -20,6 +20,7 @@ class RunConfig:
     in_process: run the LocalCluster's workers as threads of this process: less overhead (pipeline/engine
         throughput 1.00 against 0.88 on 2 cores, bench/README.md) but no fault isolation: a crashing worker
         takes the run down with it (finished units are kept; run the command again to resume).
+    precision: fp32, or int8 for the bundle's quantized ONNX model (`survey-infer quantize`; ONNX Runtime).
     engine_threads: threads each inference call may use; by default the cores left per worker thread.
     rows_per_unit: rows in one unit of work; a multiple of the store's row block (default: one block).
     max_in_flight: units submitted but not finished at any time (default: 2 per worker thread).
@@ -31,6 +32,7 @@ class RunConfig:
     bundle: Path | None = None
     engine: str = "auto"
     device: str = "auto"
+    precision: str = "fp32"
     workers: int = 1
     threads_per_worker: int | None = None
     in_process: bool = False
@@ -49,6 +51,8 @@ class RunConfig:
         self.bundle = Path(self.bundle) if self.bundle is not None else None
         if self.engine not in ENGINE_NAMES:
             raise RefusedError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINE_NAMES)}")
+        if self.precision not in PRECISIONS:
+            raise RefusedError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         for name in ("workers", "threads_per_worker", "engine_threads", "rows_per_unit", "max_in_flight"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -111,7 +111,8 @@ def plan_run(config: RunConfig) -> RunPlan:
     unit_bounds, rows_per_read = _units(config, info)
     identity = {"input": info.fingerprint(), "bundle": bundle.sha256()}
     resume = check_output_dir(config.output, identity, config.overwrite)
-    engine_key = EngineKey(str(bundle.path.resolve()), config.engine, config.resolved_engine_threads(), config.device)
+    engine_key = EngineKey(str(bundle.path.resolve()), config.engine, config.resolved_engine_threads(), config.device,
+                           config.precision)  # fmt: skip
     spec = UnitSpec(
         task=task.name, store=str(info.path.resolve()), store_kind=info.kind,
         columns_path=str(info.columns_path.resolve()), out_dir=str(config.output.resolve()), engine_key=engine_key,

@@ -29,8 +29,18 @@ DEFAULT_ROWS_PER_UNIT = 4096
 DEFAULT_ROWS_PER_BATCH = 256
 
 
-def _compressor() -> BloscCodec:
-    return BloscCodec(cname="lz4", clevel=3, shuffle="shuffle")
+IMAGE_CODECS = {  # name -> the images' compressor (None: uncompressed); bench/million.py measures them
+    "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"),
+    "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),
+    "none": lambda: None,
+}
+DEFAULT_IMAGE_CODEC = "blosc-lz4"
+
+
+def _compressor(name: str = DEFAULT_IMAGE_CODEC) -> BloscCodec | None:
+    if name not in IMAGE_CODECS:
+        raise StoreError(f"unknown images codec {name!r}; one of {', '.join(IMAGE_CODECS)}")
+    return IMAGE_CODECS[name]()
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,7 @@ def create_cutouts_store(
     rows_per_unit: int = DEFAULT_ROWS_PER_UNIT,
     rows_per_batch: int = DEFAULT_ROWS_PER_BATCH,
     image_dtype: str = "float32",
+    image_codec: str = DEFAULT_IMAGE_CODEC,
     overwrite: bool = False,
 ) -> zarr.Group:
     """Create an empty `cutouts` store; the caller fills it block by block (see `write_block`).
@@ -120,7 +131,7 @@ def create_cutouts_store(
         chunks=(rows_per_batch, *image_shape),
         shards=(rows_per_unit, *image_shape),
         dtype=image_dtype,
-        compressors=_compressor(),
+        compressors=_compressor(image_codec),
         fill_value=np.nan if np.dtype(image_dtype).kind == "f" else 0,  # unwritten rows read as NaN: flagged
     )
     for name, dtype in {**REQUIRED_COLUMNS, **columns}.items():

@@ -37,6 +37,7 @@ class EngineKey:
     engine: str
     threads: int
     device: str
+    precision: str = "fp32"
 
 
 # One loaded (bundle, engine) per key per worker process, shared by the worker's threads.
@@ -51,7 +52,7 @@ def loaded_engine(key: EngineKey, worker_threads: int | None = None) -> tuple[Bu
         if key not in _LOADED:
             bundle = load_bundle(key.bundle_path)
             threads = key.threads or max(1, available_cores() // (worker_threads or _worker_threads()))
-            _LOADED[key] = (bundle, make_engine(key.engine, bundle, threads=threads, device=key.device))
+            _LOADED[key] = (bundle, make_engine(key.engine, bundle, threads=threads, device=key.device, precision=key.precision))
             ENGINE_LOADS[key] += 1
         return _LOADED[key]
 

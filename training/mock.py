@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import zarr
 
 from survey_infer.paths import truth_maps_path, truth_path
-from survey_infer.store import DEFAULT_ROWS_PER_BATCH, DEFAULT_ROWS_PER_UNIT, create_cutouts_store, write_block
+from survey_infer.store import (
+    DEFAULT_IMAGE_CODEC, DEFAULT_ROWS_PER_BATCH, DEFAULT_ROWS_PER_UNIT, create_cutouts_store, write_block,
+)
 from training.sim import DEFAULT_SIMULATOR, get_simulator
 from training.sim.universe import (
     ELECTRONS_PER_NMGY, FOV_IN_HALF_LIGHT_RADII, MAP_NAMES, PIXEL_SCALE_ARCSEC, SKY_MAG_ARCSEC2,
@@ -50,6 +52,8 @@ def write_mock_cutouts(
     rows_per_unit: int = DEFAULT_ROWS_PER_UNIT,
     rows_per_batch: int = DEFAULT_ROWS_PER_BATCH,
     simulator: str = DEFAULT_SIMULATOR,
+    image_dtype: str = "float32",
+    image_codec: str = DEFAULT_IMAGE_CODEC,
     overwrite: bool = False,
 ) -> Path:
     """Write a `cutouts` store of ``n`` simulated galaxies, ``STORE.truth.parquet`` and, if ``maps``, the
@@ -58,7 +62,8 @@ def write_mock_cutouts(
     simulate = get_simulator(simulator)
     group = create_cutouts_store(
         store, n, (len(bands), size, size), EXTRA_COLUMNS, survey=mock_survey(tuple(bands), simulator, seed),
-        rows_per_unit=rows_per_unit, rows_per_batch=rows_per_batch, overwrite=overwrite,
+        rows_per_unit=rows_per_unit, rows_per_batch=rows_per_batch, image_dtype=image_dtype, image_codec=image_codec,
+        overwrite=overwrite,
     )  # fmt: skip
     block = int(group["images"].shards[0])
     maps_array = _create_maps_array(store, n, size, block, overwrite) if maps else None

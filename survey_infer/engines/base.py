@@ -26,6 +26,10 @@ _IMPLEMENTATIONS = {
 }
 
 
+PRECISIONS = ("fp32", "int8")
+INT8_ONNX_FILE = "model.int8.onnx"  # written by `survey-infer quantize` (deploy.quantize), ONNX Runtime only
+
+
 class EngineUnavailable(RuntimeError):
     """This engine cannot run here (not installed, no GPU, no ONNX file in the bundle...)."""
 
@@ -53,6 +57,12 @@ class Engine:
         return {"name": self.name}
 
 
+def require_fp32(engine: str, precision: str) -> None:
+    """Refuse a precision an engine does not run (only ONNX Runtime runs the int8 model)."""
+    if precision != "fp32":
+        raise EngineUnavailable(f"the {engine} engine runs fp32 here; precision {precision} is an ONNX Runtime model")
+
+
 def default_threads() -> int:
     """Cores this process may run on (its CPU affinity, which batch schedulers set)."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -63,13 +73,20 @@ def _load_class(name: str):
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def make_engine(name: str, bundle: Bundle, *, threads: int | None = None, device: str = "auto") -> Engine:
-    """Build engine ``name`` for ``bundle``; ``auto`` picks the fastest that is installed and works."""
+def make_engine(
+    name: str, bundle: Bundle, *, threads: int | None = None, device: str = "auto", precision: str = "fp32"
+) -> Engine:
+    """Build engine ``name`` for ``bundle``; ``auto`` picks the fastest that is installed and works.
+
+    ``precision`` int8 runs the bundle's quantized ONNX model (ONNX Runtime only; `survey-infer quantize`).
+    """
     if name not in ENGINE_NAMES:
         raise RefusedError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
+    if precision not in PRECISIONS:
+        raise RefusedError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     threads = threads or default_threads()
     if name != "auto":
-        return _load_class(name)(bundle, threads=threads, device=device)
+        return _load_class(name)(bundle, threads=threads, device=device, precision=precision)
     from survey_infer.tasks import get_task
 
     probe = get_task(bundle.task).example_inputs(bundle, 2)
@@ -77,7 +94,7 @@ def make_engine(name: str, bundle: Bundle, *, threads: int | None = None, device
     reasons, cpu_fallback = [], None
     for candidate in AUTO_ORDER:
         try:
-            engine = _load_class(candidate)(bundle, threads=threads, device=device)
+            engine = _load_class(candidate)(bundle, threads=threads, device=device, precision=precision)
             engine.run(probe)
         except EngineUnavailable as exc:
             reasons.append(f"{candidate}: {exc}")

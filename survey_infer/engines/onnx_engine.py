@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from survey_infer.engines.base import Engine, EngineUnavailable
+from pathlib import Path
+
+from survey_infer.engines.base import INT8_ONNX_FILE, Engine, EngineUnavailable
 
 
 class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
 
-    def __init__(self, bundle, *, threads: int = 1, device: str = "auto"):
+    def __init__(self, bundle, *, threads: int = 1, device: str = "auto", precision: str = "fp32"):
         super().__init__(bundle)
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise EngineUnavailable("onnxruntime is not installed") from exc
-        if bundle.onnx_path is None:
-            raise EngineUnavailable(f"bundle {bundle.id} has no model.onnx (run `survey-infer export`)")
+        model_path = self._model_path(bundle, precision)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -28,9 +29,20 @@ class OnnxRuntimeEngine(Engine):
         if device == "cuda" and not want_cuda:
             raise EngineUnavailable("CUDA was asked for but onnxruntime has no CUDAExecutionProvider")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=providers)
+        self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
         self.providers = self.session.get_providers()
         self.version = ort.__version__
+        self.precision = precision
+
+    @staticmethod
+    def _model_path(bundle, precision: str) -> Path:
+        if precision == "int8":
+            if INT8_ONNX_FILE not in bundle.meta["files"]:
+                raise EngineUnavailable(f"bundle {bundle.id} has no {INT8_ONNX_FILE} (run `survey-infer quantize`)")
+            return bundle.path / INT8_ONNX_FILE
+        if bundle.onnx_path is None:
+            raise EngineUnavailable(f"bundle {bundle.id} has no model.onnx (run `survey-infer export`)")
+        return bundle.onnx_path
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in self.input_names}
@@ -42,4 +54,4 @@ class OnnxRuntimeEngine(Engine):
         return "CUDAExecutionProvider" in self.providers
 
     def describe(self) -> dict:
-        return {"name": self.name, "providers": self.providers, "onnxruntime": self.version}
+        return {"name": self.name, "providers": self.providers, "onnxruntime": self.version, "precision": self.precision}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from survey_infer.engines.base import Engine, EngineUnavailable
+from survey_infer.engines.base import Engine, EngineUnavailable, require_fp32
 
 
 class TensorRTEngine(Engine):
     name = "tensorrt"
 
-    def __init__(self, bundle, *, threads: int = 1, device: str = "auto"):
+    def __init__(self, bundle, *, threads: int = 1, device: str = "auto", precision: str = "fp32"):
+        require_fp32(self.name, precision)
         try:
             import tensorrt  # noqa: F401
         except ImportError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from survey_infer.engines.base import Engine, EngineUnavailable
+from survey_infer.engines.base import Engine, EngineUnavailable, require_fp32
 
 
 def resolve_torch_device(device: str) -> torch.device:
@@ -22,7 +22,8 @@ CPU_SUB_BATCH = 32
 class TorchEngine(Engine):
     name = "torch"
 
-    def __init__(self, bundle, *, threads: int = 1, device: str = "auto", half: bool = False):
+    def __init__(self, bundle, *, threads: int = 1, device: str = "auto", half: bool = False, precision: str = "fp32"):
+        require_fp32(self.name, precision)
         super().__init__(bundle)
         self.device = resolve_torch_device(device)
         if self.device.type == "cpu":

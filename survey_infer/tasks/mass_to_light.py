@@ -43,8 +43,11 @@ class MassToLight(CutoutTask):
     def prepare(self, images, columns, bundle):
         flags = image_flags(images)
         usable = (flags & NO_ESTIMATE) == 0
-        clean = np.where(usable[:, None, None, None], images, 0.0).astype(np.float32, copy=False)
-        inputs = {"image": np.ascontiguousarray(clean)}
+        clean = np.ascontiguousarray(images, dtype=np.float32)
+        if not usable.all():  # rows without an estimate go through the model as zeros (and come out NaN)
+            clean = clean.copy() if clean is images else clean
+            clean[~usable] = 0.0
+        inputs = {"image": clean}
         meta = self.meta_spec(bundle)
         if meta:
             inputs["meta"], missing = self._standardised_meta(columns, meta)
