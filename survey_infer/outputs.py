@@ -20,6 +20,7 @@ from survey_infer.bundle import write_json_atomic
 from survey_infer.errors import RefusedError
 from survey_infer.tasks.base import OutputColumn
 
+TEMP_SUFFIX = ".tmp"
 BASE_COLUMNS = [
     OutputColumn("object_id", "int64", "", "object identifier from the input store"),
     OutputColumn("ra", "float64", "deg", "right ascension (ICRS)"),
@@ -42,10 +43,26 @@ def catalog_schema(task_columns: list[OutputColumn], bundle_id: str, task: str) 
 def write_part_atomic(out_dir: Path, unit_index: int, table: pa.Table) -> Path:
     """Write a unit's Parquet part to a temp file and rename it into place (never a half-written part)."""
     final = paths.part_path(out_dir, unit_index)
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, final)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, final)
+    except BaseException:  # a full disk, a quota: leave no half-written temp file taking the space
+        tmp.unlink(missing_ok=True)
+        raise
     return final
+
+
+def remove_stale_temp_files(out_dir: Path) -> int:
+    """Delete the temp files that killed units left in ``parts/`` (never read: no ``.parquet`` suffix).
+
+    Called under the run's lock, when no unit of this run is writing; returns how many were removed.
+    """
+    removed = 0
+    for tmp in (Path(out_dir) / paths.PARTS_DIR).glob(f".*{TEMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def write_done_marker(out_dir: Path, unit_index: int, summary: dict[str, Any]) -> None:
@@ -58,8 +75,12 @@ def read_done_marker(out_dir: Path, unit_index: int) -> dict[str, Any] | None:
     if not marker.is_file() or not paths.part_path(out_dir, unit_index).is_file():
         return None
     try:
-        return json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
+        summary = json.loads(marker.read_text())
+        # A part damaged after its unit finished (a disk error, a partial copy) is redone, not trusted.
+        if pq.read_metadata(paths.part_path(out_dir, unit_index)).num_rows != summary.get("rows"):
+            return None
+        return summary
+    except (OSError, ValueError, AttributeError, pa.ArrowException):  # JSONDecodeError is a ValueError
         return None
 
 
@@ -120,12 +141,14 @@ def check_output_dir(out_dir: Path, identity: dict[str, str], overwrite: bool) -
 @contextlib.contextmanager
 def output_lock(out_dir: Path) -> Iterator[None]:
     """Hold ``out_dir/run.lock`` for the run; refuse (exit 2) while another run holds it."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(out_dir / paths.RUN_LOCK)
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
     except Timeout as exc:
         raise RefusedError(f"another survey-infer run is writing to {out_dir} (it holds {lock.lock_file})") from exc
+    except OSError as exc:  # read-only file system, no permission, a file in the way
+        raise RefusedError(f"output directory {out_dir} cannot be written: {exc}") from exc
     try:
         yield
     finally:
@@ -143,3 +166,4 @@ def prepare_output_dir(out_dir: Path, resume: bool) -> None:
                 target.unlink()
     for sub in (paths.PARTS_DIR, paths.DONE_DIR):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)

@@ -30,6 +30,7 @@ from survey_infer.outputs import (
     output_lock,
     prepare_output_dir,
     read_done_marker,
+    remove_stale_temp_files,
     write_run_record,
 )
 from survey_infer.store import CutoutStoreInfo, open_cutouts, store_kind
@@ -209,6 +210,7 @@ def _run_locked(config: RunConfig, client: Client, plan: RunPlan, started: float
     units_started = time.time()
     _submit_bounded(client, plan, on_done)
     bar.close()
+    remove_stale_temp_files(config.output)  # left by units killed mid-write and then redone
     units_seconds = time.time() - units_started
 
     catalog_seconds = 0.0

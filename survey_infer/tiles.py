@@ -309,26 +309,22 @@ def ingest_tiles(
     tiles: list[dict[str, str]],
     sources: str | Path,
     *,
-    ra_col: str = "ra",
-    dec_col: str = "dec",
-    id_col: str = "object_id",
-    size_col: str | None = None,
-    size_unit: str = "arcsec",
-    keep: tuple[str, ...] = (),
     reproject: bool = False,
     overwrite: bool = False,
+    **catalog_columns: Any,
 ) -> dict[str, Any]:
     """Write a `tiles` store from FITS images (one ``{band: file}`` per tile) and a source catalog.
 
-    Everything is read and checked before the store is created, so a refused ingest writes nothing.
-    Returns a summary: tiles, bands, sources per tile, sources on no tile.
+    ``catalog_columns`` names the catalog's columns as :func:`read_sources` takes them (``ra_col``,
+    ``dec_col``, ``id_col``, ``size_col``, ``size_unit``, ``keep``). Everything is read and checked before the
+    store is created, so a refused ingest writes nothing. Returns a summary: tiles, bands, sources per tile,
+    sources on no tile.
     """
     if not tiles:
         raise StoreError("no tiles given; pass --images 'g=tile_g.fits,...' once per tile")
     if Path(store).exists() and not overwrite:
         raise StoreError(f"store {store} already exists; pass --overwrite to replace it")
-    columns = read_sources(sources, ra_col=ra_col, dec_col=dec_col, id_col=id_col, size_col=size_col,
-                           size_unit=size_unit, keep=keep)  # fmt: skip
+    columns = read_sources(sources, **catalog_columns)
     read = [read_tile(images, reproject=reproject) for images in tiles]
     bands = [b.band for b in read[0]]
     for index, tile in enumerate(read[1:], start=1):
@@ -430,7 +426,10 @@ def open_tiles(path: str | Path) -> TilesStoreInfo:
     for name in ("object_id", "ra", "dec", "tile", "x", "y"):
         if name not in columns:
             raise StoreError(f"store {path} has no '{SOURCES_GROUP}/{name}' column")
-    tile_of = np.asarray(sources["tile"][:])
+    try:
+        tile_of = np.asarray(sources["tile"][:])
+    except Exception as exc:  # a damaged chunk: zarr and its codecs raise many types
+        raise StoreError(f"column '{SOURCES_GROUP}/tile' in {path} cannot be read: {type(exc).__name__}: {exc}") from exc
     n_rows = len(tile_of)
     for name, array in sources.arrays():
         if array.shape != (n_rows,):

@@ -1,0 +1,50 @@
+"""Fixtures of the fault-injection suite: small stores of every landed kind, and a cluster of worker processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from distributed import Client, LocalCluster
+
+from tests.faults.helpers import remove_worker_faults, write_noise_store
+
+
+@pytest.fixture(scope="session")
+def tiles_store(tmp_path_factory) -> Path:
+    """4 FITS tiles (g band) + sources, ingested: 5 units (one per tile, then the sources on no tile)."""
+    from survey_infer.tiles import ingest_tiles
+    from training.mock_tiles import TileLayout, write_mock_tiles
+
+    directory = tmp_path_factory.mktemp("fault_tiles")
+    mock = write_mock_tiles(directory / "fits", layout=TileLayout(n_tiles=4, size_px=160, overlap_px=24),
+                            n_sources=48, n_off_tile=2, bands=("g",), seed=5)  # fmt: skip
+    ingest_tiles(directory / "tiles.zarr", mock["tiles"], mock["sources"], size_col="r_half_arcsec")
+    return directory / "tiles.zarr"
+
+
+@pytest.fixture(scope="session")
+def noise_store(tmp_path_factory) -> Path:
+    """640 cutouts in 10 units of 64 rows."""
+    return write_noise_store(tmp_path_factory.mktemp("fault_cutouts") / "noise.zarr", 640, rows_per_unit=64)
+
+
+@pytest.fixture(params=["cutouts", "tiles"])
+def store(request, noise_store, tiles_store) -> Path:
+    """Each store kind that has landed."""
+    return {"cutouts": noise_store, "tiles": tiles_store}[request.param]
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """Two worker processes of one thread: a SIGKILLed worker is restarted by its nanny."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster
+
+
+@pytest.fixture()
+def client(cluster):
+    with Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        yield client
+        client.run(remove_worker_faults)
