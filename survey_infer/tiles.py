@@ -486,12 +486,6 @@ def make_cut_spec(info: TilesStoreInfo, bands: list[str], shape: tuple[int, int,
     raise StoreError(f"the bundle's framing {framing!r} is neither 'half_light' nor 'pixel_scale'")
 
 
-def _tile_wcs(image: zarr.Array) -> WCS:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        return WCS(fits.Header(image.attrs["wcs"]))
-
-
 def iter_tile_batches(
     path: Path, tile: int, start: int, stop: int, cut: CutSpec, rows_per_read: int, stats: dict[str, Any]
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
