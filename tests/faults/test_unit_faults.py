@@ -67,6 +67,7 @@ def test_a_unit_that_raises_is_recorded_then_finished_by_the_same_command(client
     assert_rows_exactly_once(out, store_ids(store))
 
 
+@pytest.mark.parametrize("store", ["tiles", pytest.param("cutouts", marks=pytest.mark.slow)], indirect=True)
 def test_a_unit_that_raises_once_is_retried(client, store, tiny_bundle, tmp_path):
     out, flag = tmp_path / "out", tmp_path / "flag"
     marker = object_id_at(store, unit_rows(store, 1)[0])
@@ -108,6 +109,7 @@ def test_a_truncated_tile_index_is_refused_before_any_work(client, tiles_store, 
     assert tree_snapshot(out) == {}
 
 
+@pytest.mark.parametrize("store", ["tiles", pytest.param("cutouts", marks=pytest.mark.slow)], indirect=True)
 def test_a_full_disk_fails_every_unit_without_leaving_temp_files(client, store, tiny_bundle, tmp_path, capsys):
     out = tmp_path / "out"
     argv = _argv(store, out, tiny_bundle, client, "--retries", "0")
@@ -160,6 +162,7 @@ def test_an_output_path_that_cannot_be_created_is_refused(client, noise_store, t
     assert blocker.read_text() == "not a directory"
 
 
+@pytest.mark.parametrize("store", ["tiles", pytest.param("cutouts", marks=pytest.mark.slow)], indirect=True)
 def test_half_written_parts_are_redone(client, store, tiny_bundle, tmp_path):
     out = tmp_path / "out"
     argv = _argv(store, out, tiny_bundle, client)
