@@ -367,3 +367,35 @@ def test_batch_sky_statistics_equal_astropy_sigma_clipping():
             continue
         assert sky[row] == pytest.approx(sigma_clipped_stats(kept, sigma=3.0)[1], abs=1e-12)
         assert noise[row] == pytest.approx(mad_sigma(kept), abs=1e-12)
+
+
+def test_tile_compressed_and_gzipped_fits_are_read(mock_tiles, tmp_path):
+    """A tile-compressed HDU behind an empty primary (found without naming it) and a .fits.gz file."""
+    g, r = mock_tiles["tiles"][0]["g"], mock_tiles["tiles"][0]["r"]
+    with fits.open(g) as hdul:
+        data, header = hdul[0].data.copy(), hdul[0].header.copy()
+    compressed = tmp_path / "g.fits.fz"
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, header, compression_type="GZIP_1",
+                                                       quantize_level=0.0)]).writeto(compressed)  # fmt: skip
+    gzipped = tmp_path / "r.fits.gz"
+    with fits.open(r) as hdul:
+        hdul.writeto(gzipped)
+    summary = ingest_tiles(tmp_path / "c.zarr", [{"g": str(compressed), "r": str(gzipped)}], mock_tiles["sources"])
+    assert summary["bands"] == ["g", "r"]
+    import zarr
+
+    image = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")["tiles/tile-00000/image"]
+    np.testing.assert_array_equal(image[0], data)  # lossless
+    np.testing.assert_array_equal(image[1], fits.getdata(r))
+    assert image.attrs["bunit"] == {"g": "nanomaggy", "r": "nanomaggy"}
+    assert image.attrs["files"]["g"].endswith("[COMPRESSED_IMAGE]")
+
+
+def test_singular_wcs_is_refused(mock_tiles, tmp_path):
+    header = LAYOUT.wcs(0).to_header()
+    for key in ("PC1_1", "PC1_2", "PC2_1", "PC2_2"):  # a zero matrix maps every pixel to one sky position
+        header[key] = 0.0
+    bad = tmp_path / "singular.fits"
+    fits.PrimaryHDU(np.zeros((50, 50), np.float32), header=header).writeto(bad)
+    with pytest.raises(StoreError, match="band g: .*singular.fits.*(cannot be inverted|does not invert|cannot read)"):
+        ingest_tiles(tmp_path / "s.zarr", [{"g": str(bad)}], mock_tiles["sources"])
