@@ -1,0 +1,265 @@
+"""Property-based tests (hypothesis) of store validation and ingest: whatever the input, either a clean refusal
+(StoreError/RefusedError whose message names the array, file or column) or a correct run; never another
+exception.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from astropy.io import fits
+from astropy.table import Table
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from survey_infer.config import RunConfig
+from survey_infer.errors import RefusedError, StoreError
+from survey_infer.flags import FLAG_BITS
+from survey_infer.outputs import prepare_output_dir
+from survey_infer.pipeline import plan_run
+from survey_infer.store import open_cutouts
+from survey_infer.tiles import ingest_tiles, open_tiles
+from survey_infer.worker import process_unit
+
+FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DTYPES = ["float32", "float16", "float64", "int16", "uint8", "int64"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    from tests.conftest import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("prop_bundle") / "tiny")
+
+
+# ------------------------------------------------------------------------------- cutouts: store validation
+
+
+@st.composite
+def cutouts_layouts(draw) -> dict:
+    """A Zarr v3 group that may or may not be a valid cutouts store."""
+    n = draw(st.integers(1, 12))
+    return {
+        "marker": draw(st.sampled_from(["ok"] * 6 + ["missing", "format2", "kind_tiles", "kind_bogus", "not_a_dict"])),
+        "images": draw(st.sampled_from(["ok"] * 6 + ["missing", "ndim3", "ndim5"])),
+        "image_dtype": draw(st.sampled_from(["float32"] * 4 + DTYPES)),
+        "channels": draw(st.integers(1, 2)),
+        "size": draw(st.sampled_from([8, 69, 69])),
+        "n": n,
+        "rows_per_block": draw(st.integers(1, n)),
+        "columns": {name: draw(st.sampled_from(["ok"] * 8 + ["missing", "short", "dtype", "misaligned"]))
+                    for name in ("object_id", "ra", "dec", "lum_g")},  # fmt: skip
+    }
+
+
+def write_layout(path: Path, layout: dict) -> None:
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    marker = {"ok": {"format": 1, "kind": "cutouts"}, "missing": None, "format2": {"format": 2, "kind": "cutouts"},
+              "kind_tiles": {"format": 1, "kind": "tiles"}, "kind_bogus": {"format": 1, "kind": "bogus"},
+              "not_a_dict": "cutouts"}[layout["marker"]]  # fmt: skip
+    if marker is not None:
+        group.attrs["survey_infer"] = marker
+    n, block = layout["n"], layout["rows_per_block"]
+    shape = {"ok": (n, layout["channels"], layout["size"], layout["size"]), "ndim3": (n, layout["size"], layout["size"]),
+             "ndim5": (n, 1, 1, layout["size"], layout["size"]), "missing": None}[layout["images"]]  # fmt: skip
+    if shape is not None:
+        images = group.create_array("images", shape=shape, chunks=(block, *shape[1:]), dtype=layout["image_dtype"])
+        images[:] = np.ones(shape, dtype=layout["image_dtype"])
+    expected = {"object_id": "int64", "ra": "float64", "dec": "float64", "lum_g": "float64"}
+    for name, state in layout["columns"].items():
+        if state == "missing":
+            continue
+        length = n + 1 if state == "short" else n
+        dtype = "U4" if state == "dtype" and name != "lum_g" else expected[name]
+        chunks = (max(1, block - 1) if block > 1 else n + 1,) if state == "misaligned" else (block,)
+        if dtype == "U4":
+            array = group.create_array(name, shape=(length,), chunks=chunks, dtype=np.dtypes.StringDType())
+            array[:] = np.array(["x"] * length, dtype=object)
+        else:
+            array = group.create_array(name, shape=(length,), chunks=chunks, dtype=dtype)
+            array[:] = np.arange(length).astype(dtype)
+
+
+def _names_a_culprit(message: str, path: Path) -> bool:
+    culprits = ["images", "object_id", "ra", "dec", "lum_g", "kind", "format", "survey_infer", str(path)]
+    return any(name in message for name in culprits)
+
+
+@FAST
+@given(layout=cutouts_layouts())
+def test_cutouts_store_validation_refuses_cleanly_or_accepts_a_consistent_store(layout, bundle):
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr warns about string dtypes in v3
+        path = Path(tmp) / "store.zarr"
+        write_layout(path, layout)
+        try:
+            info = open_cutouts(path)
+        except StoreError as exc:
+            assert _names_a_culprit(str(exc), path), str(exc)
+            event("refused by open_cutouts")
+            return
+        assert layout["marker"] == "ok" and layout["images"] == "ok"
+        assert info.n_rows == layout["n"] and info.image_shape == (layout["channels"], layout["size"], layout["size"])
+        assert layout["image_dtype"] in ("float32", "float16")
+        for name in ("object_id", "ra", "dec"):
+            assert layout["columns"][name] in ("ok", "misaligned")
+        try:
+            plan = plan_run(RunConfig(task="mass_to_light", input=path, output=Path(tmp) / "out", bundle=bundle))
+        except RefusedError as exc:
+            assert _names_a_culprit(str(exc), path), str(exc)
+            event("refused by plan_run")
+            return
+        event("planned")
+        assert info.image_shape == (1, 69, 69)
+        assert sum(stop - start for start, stop in plan.spec.unit_bounds) == layout["n"]
+
+
+# ------------------------------------------------------------------------- cutouts: NaN/inf values, a real run
+
+
+@st.composite
+def cutout_values(draw) -> dict:
+    n = draw(st.integers(1, 40))
+    patterns = draw(st.lists(st.sampled_from(["ok", "one_nan", "one_inf", "all_nan", "neg_inf", "zero", "huge"]),
+                             min_size=n, max_size=n))  # fmt: skip
+    return {"n": n, "patterns": patterns, "dtype": draw(st.sampled_from(["float32", "float16"])),
+            "rows_per_unit": draw(st.sampled_from([4, 8, 64])),
+            "meta_nan": draw(st.lists(st.booleans(), min_size=n, max_size=n))}  # fmt: skip
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=cutout_values())
+def test_nan_and_inf_pixels_are_flagged_and_every_row_comes_out_once(values, bundle):
+    from survey_infer.store import create_cutouts_store, write_block
+
+    n, rows_per_unit = values["n"], values["rows_per_unit"]
+    rng = np.random.default_rng(n)
+    images = rng.uniform(0.1, 1.0, (n, 1, 69, 69))
+    for i, pattern in enumerate(values["patterns"]):
+        if pattern == "one_nan":
+            images[i, 0, 3, 5] = np.nan
+        elif pattern == "one_inf":
+            images[i, 0, 7, 7] = np.inf
+        elif pattern == "all_nan":
+            images[i] = np.nan
+        elif pattern == "neg_inf":
+            images[i, 0, :, 0] = -np.inf
+        elif pattern == "zero":
+            images[i] = 0.0
+        elif pattern == "huge":
+            images[i, 0, 10, 10] = 1e30  # inf once stored as float16
+    meta = np.where(values["meta_nan"], np.nan, 100.0)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # float16 overflow of 'huge'
+        store, out = Path(tmp) / "s.zarr", Path(tmp) / "out"
+        batch = min(rows_per_unit, 4)
+        group = create_cutouts_store(store, n, (1, 69, 69), {"distance_mpc": "float64", "lum_g": "float64",
+                                     "size_kpc": "float64"}, survey={"bands": ["g"]}, rows_per_unit=rows_per_unit,
+                                     rows_per_batch=batch, image_dtype=values["dtype"])  # fmt: skip
+        write_block(group, 0, images.astype(values["dtype"]), {"object_id": np.arange(n) * 7 + 3,
+                    "ra": np.linspace(10, 11, n), "dec": np.linspace(-5, -4, n), "distance_mpc": meta,
+                    "lum_g": meta * 1e8, "size_kpc": meta / 50})  # fmt: skip
+        plan = plan_run(RunConfig(task="mass_to_light", input=store, output=out, bundle=bundle, engine="torch"))
+        prepare_output_dir(out, resume=False)
+        for unit in plan.todo:
+            process_unit(plan.spec, unit)
+        table = pq.read_table(sorted((out / "parts").glob("*.parquet"))).to_pandas().set_index("object_id")
+    assert sorted(table.index) == list(np.arange(n) * 7 + 3)  # every row exactly once
+    stored = images.astype(values["dtype"])
+    for i, pattern in enumerate(values["patterns"]):
+        row = table.loc[i * 7 + 3]
+        if not np.isfinite(stored[i]).all():
+            assert row["flag"] & FLAG_BITS["nan_pixels"] and np.isnan(row["ml_g"]), (pattern, row)
+        elif pattern == "zero":
+            assert row["flag"] & FLAG_BITS["empty_cutout"] and np.isnan(row["ml_g"])
+        else:
+            assert np.isfinite(row["ml_g"]) and row["ml_g"] > 0, (pattern, row)
+            assert bool(row["flag"] & FLAG_BITS["missing_metadata"]) == values["meta_nan"][i]
+
+
+# ------------------------------------------------------------------------------------- tiles: ingest
+
+
+@st.composite
+def tile_inputs(draw) -> dict:
+    n = draw(st.integers(0, 12) | st.integers(1, 4))
+    return {
+        "wcs": draw(st.sampled_from(["tan"] * 4 + ["none", "linear", "singular", "ra_only"])),
+        "shape": draw(st.sampled_from([(32, 32)] * 3 + [(40, 24), (1, 32), (32,)])),
+        "n": n,
+        "coords": draw(st.lists(st.sampled_from(["in"] * 8 + ["off"] * 2 + ["nan", "inf", "dec_over_90"]), min_size=n, max_size=n)),
+        "ids": draw(st.sampled_from(["ok"] * 4 + ["text"] + ["dup", "float", "text", "text_bad", "missing"])),
+        "ra_col": draw(st.sampled_from(["ra"] * 6 + ["missing"])),
+        "format": draw(st.sampled_from([".ecsv", ".fits", ".parquet", ".csv"])),
+        "size": draw(st.sampled_from([None, "nan_some", "ok"])),
+    }
+
+
+def _header(kind: str) -> fits.Header:
+    header = fits.Header()
+    if kind == "none":
+        return header
+    header["CTYPE1"], header["CTYPE2"] = ("RA---TAN", "DEC--TAN") if kind != "linear" else ("LINEAR", "LINEAR")
+    if kind == "ra_only":
+        del header["CTYPE2"]
+    header["CRVAL1"], header["CRVAL2"], header["CRPIX1"], header["CRPIX2"] = 150.0, 2.0, 16.0, 16.0
+    scale = 0.396 / 3600
+    header["CD1_1"], header["CD1_2"] = -scale, 0.0
+    header["CD2_1"], header["CD2_2"] = (0.0, scale) if kind != "singular" else (-scale, 0.0)
+    return header
+
+
+@FAST
+@given(inputs=tile_inputs())
+def test_tiles_ingest_refuses_cleanly_or_keeps_every_source_once(inputs):
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tmp = Path(tmp)
+        image = tmp / "tile_g.fits"
+        fits.PrimaryHDU(np.random.default_rng(0).normal(0, 1, inputs["shape"]).astype(np.float32),
+                        header=_header(inputs["wcs"])).writeto(image)  # fmt: skip
+        n = inputs["n"]
+        step = 0.396 / 3600
+        place = {"in": (150.0, 2.0), "off": (151.0, 3.0), "nan": (np.nan, 2.0), "inf": (np.inf, 2.0),
+                 "dec_over_90": (150.0, 91.0)}  # fmt: skip
+        ra = np.array([place[c][0] + i * step for i, c in enumerate(inputs["coords"])], float)
+        dec = np.array([place[c][1] for c in inputs["coords"]], float)
+        ids = np.arange(n, dtype=np.int64) + 100
+        if inputs["ids"] == "dup" and n > 1:
+            ids[1] = ids[0]
+        columns = {"ra" if inputs["ra_col"] == "ra" else "RA_J2000": ra, "dec": dec}
+        columns["object_id"] = {"ok": ids, "dup": ids, "float": ids + 0.5, "text": ids.astype(str),
+                                "text_bad": np.array([f"id{i}" for i in ids]), "missing": None}[inputs["ids"]]  # fmt: skip
+        if inputs["size"]:
+            columns["r_half_arcsec"] = np.where(np.arange(n) % 2 & (inputs["size"] == "nan_some"), np.nan, 1.5)
+        table = Table({k: v for k, v in columns.items() if v is not None})
+        sources = tmp / f"sources{inputs['format']}"
+        table.write(sources)
+        store = tmp / "tiles.zarr"
+        try:
+            summary = ingest_tiles(store, [{"g": str(image)}], sources,
+                                   size_col="r_half_arcsec" if inputs["size"] else None)  # fmt: skip
+        except StoreError as exc:
+            message = str(exc)
+            assert any(name in message for name in (str(image), str(sources), "band g", "'ra'", "'dec'",
+                                                    "'object_id'", "'r_half_arcsec'")), message  # fmt: skip
+            assert not store.exists()  # a refused ingest writes nothing
+            event("refused: " + re.sub(r"/\S+", "PATH", message)[:40])
+            return
+        event("ingested")
+        assert inputs["wcs"] == "tan" and len(inputs["shape"]) == 2 and inputs["ra_col"] == "ra"
+        assert n > 0 and set(inputs["coords"]) <= {"in", "off"}
+        assert inputs["ids"] in ("ok", "text") or (inputs["ids"] == "dup" and n == 1)
+        info = open_tiles(store)
+        sources_group = zarr.open_group(str(store), mode="r")["sources"]
+        assert sorted(np.asarray(sources_group["object_id"][:])) == sorted(ids)  # every source once
+        assert summary["sources"] == info.n_rows == n
+        assert summary["off_tile"] + sum(summary["tiles"].values()) == n
+        assert summary["off_tile"] >= inputs["coords"].count("off")  # a degree away: on no tile, kept
