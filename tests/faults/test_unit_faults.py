@@ -53,6 +53,7 @@ def _assert_only_unit_failed(store: Path, out: Path, unit: int, error: str, stde
     assert set(part_ids(out).tolist()) == set(ids.tolist()) - lost  # every other row exactly once
 
 
+@pytest.mark.parametrize("store", ["tiles", pytest.param("cutouts", marks=pytest.mark.slow)], indirect=True)
 def test_a_unit_that_raises_is_recorded_then_finished_by_the_same_command(client, store, tiny_bundle, tmp_path, capsys):
     out, unit = tmp_path / "out", 1
     marker = object_id_at(store, unit_rows(store, unit)[0])
