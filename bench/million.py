@@ -12,8 +12,8 @@
    in-memory cutouts, before and after the runs (this VM's speed drifts: the reference is their mean).
 4. Each N: `run_pipeline` exactly as `survey-infer run` does it (LocalCluster of worker processes, HATS
    catalog built), while a thread samples every 0.5 s the RSS of this client process (which hosts the
-   scheduler), of each Dask worker and of each nanny. Rows are counted in the Parquet parts and object ids
-   checked unique.
+   scheduler and the nannies) and of each Dask worker. Rows are counted in the Parquet parts and in the HATS
+   catalog (catalogs.open_run), and object ids checked unique.
 Prints one table (both N side by side) ending with `pipeline_vs_engine <ratio>` for the largest N.
 """
 
@@ -205,6 +205,9 @@ def run_and_measure(store: Path, bundle_dir: Path, out_dir: Path, precision: str
             cpu = monitor.stop()
     wall = time.perf_counter() - tick
     record = result.record
+    from catalogs import open_run
+
+    catalog_rows = open_run(out_dir).info()["rows"] if result.exit_code == 0 else 0
     parts = sorted((out_dir / "parts").glob("*.parquet"))
     counted = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     ids = pq.read_table(parts, columns=["object_id"]).column(0).to_numpy()
@@ -215,7 +218,7 @@ def run_and_measure(store: Path, bundle_dir: Path, out_dir: Path, precision: str
         "exit_code": result.exit_code, "status": record["status"], "wall_s": wall,
         "units_s": record["timings"]["units_seconds"], "catalog_s": record["timings"]["catalog_seconds"],
         "rows_per_s": record["rows"]["out"] / record["timings"]["units_seconds"], "wall_rows_per_s": counted / wall,
-        "rows_counted": counted, "ids_unique": len(np.unique(ids)) == len(ids), "rss": by_role,
+        "rows_counted": counted, "catalog_rows": catalog_rows, "ids_unique": len(np.unique(ids)) == len(ids), "rss": by_role,
         "other_cores": cpu["other_cores"], "engine": record.get("engine"), "failures": record["failures"][:3],
     }  # fmt: skip
 
@@ -281,6 +284,7 @@ def main() -> int:
                                      for n in sizes])  # fmt: skip
     row("status", [runs[n]["status"] for n in sizes])
     row("rows counted in parts", [f"{runs[n]['rows_counted']:,d}" for n in sizes])
+    row("rows in the HATS catalog", [f"{runs[n]['catalog_rows']:,d}" for n in sizes])
     row("object ids unique", [str(runs[n]["ids_unique"]) for n in sizes])
     row("wall, end to end (s)", [f"{runs[n]['wall_s']:.1f}" for n in sizes])
     row("  of which units (s)", [f"{runs[n]['units_s']:.1f}" for n in sizes])
@@ -299,7 +303,7 @@ def main() -> int:
         for failure in runs[n]["failures"]:
             lines.append(f"FAILED ({n}): {failure}")
     largest = runs[sizes[-1]]
-    lines.append(f"rows_ok {largest['rows_counted'] == sizes[-1] and largest['ids_unique']}")
+    lines.append(f"rows_ok {largest['rows_counted'] == largest['catalog_rows'] == sizes[-1] and largest['ids_unique']}")
     lines.append(f"pipeline_vs_engine {largest['rows_per_s'] / reference:.3f}")
     text = "\n".join(lines)
     print(text)

@@ -33,7 +33,7 @@ from survey_infer.outputs import (
     remove_stale_temp_files,
     write_run_record,
 )
-from survey_infer.store import CutoutStoreInfo, open_cutouts, store_kind
+from survey_infer.store import CutoutStoreInfo, check_positions, open_cutouts, store_kind
 from survey_infer.tasks import Task, get_task
 from survey_infer.tiles import TilesStoreInfo, cutting_summary, open_tiles
 from survey_infer.worker import PLUGIN_NAME, EngineKey, EnginePlugin, UnitSpec, process_unit
@@ -86,7 +86,9 @@ def open_input(config: RunConfig, task: Task) -> InputStore:
     if kind not in readable:
         raise StoreError(f"task {task.name} reads {' or '.join(readable)} stores; {config.input} is a {kind!r} store")
     if kind == "cutouts":
-        return open_cutouts(config.input)
+        info = open_cutouts(config.input)
+        check_positions(info)
+        return info
     if kind == "tiles":
         if config.rows_per_unit:
             raise RefusedError("--rows-per-unit does not apply to a tiles store: one unit is one tile")

@@ -105,6 +105,14 @@ def test_mismatched_column_lengths(capsys, tmp_path, tiny_bundle):
     assert "column 'lum_g'" in message and "(8,)" in message
 
 
+@pytest.mark.parametrize("column, value", [("ra", np.nan), ("dec", np.inf), ("dec", 91.0)])
+def test_rows_without_a_sky_position(capsys, tmp_path, tiny_bundle, column, value):
+    group = cutouts_store(tmp_path / "s.zarr")
+    group[column][5] = value
+    message = refused(capsys, tmp_path / "s.zarr", tmp_path / "out", tiny_bundle)
+    assert f"column '{column}'" in message and "first rows [5]" in message
+
+
 def test_missing_required_column(capsys, tmp_path, tiny_bundle):
     cutouts_store(tmp_path / "s.zarr")
     shutil.rmtree(tmp_path / "s.zarr" / "ra")
