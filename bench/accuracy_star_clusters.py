@@ -67,7 +67,7 @@ def verdict(rows: list[dict], truth: dict, cnn: dict, base: dict, common: np.nda
                 continue
             ok_bias = abs(r["mean_bias"]) <= max(3 * r["bias_se"], BIAS_TOLERANCE_DEX)
             other = next((b for b in bins if b["method"] == "ssp_fit" and b["bin_of"] == r["bin_of"] and b["bin"] == r["bin"]), None)
-            beat = "" if other is None else (f"; baseline rmse {other['rmse']:.3f} -> CNN "
+            beat = "" if other is None else (f"; baseline mean bias {other['mean_bias']:+.3f}, rmse {other['rmse']:.3f} -> CNN "
                                              f"{'better' if r['rmse'] < other['rmse'] else 'NOT better'}")  # fmt: skip
             lines.append(f"{target:9s} {r['bin_of']:9s}{r['bin']:16s} n={r['n']:4d} CNN mean bias {r['mean_bias']:+.3f} "
                          f"+- {r['bias_se']:.3f} -> {'bias ok' if ok_bias else 'BIAS beyond tolerance'}; "
