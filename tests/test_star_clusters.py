@@ -281,3 +281,19 @@ def test_shipped_bundle_onnx_matches_torch_and_estimates_held_out_mocks():
     err = cols["log_mass"] - held_out.truth["log_mass"]
     assert np.sqrt(np.mean(err**2)) < 0.3
     assert 0.4 < np.mean(np.abs(err) < cols["log_mass_err"]) < 0.95
+
+
+def test_clusters_sit_at_the_cutout_centre():
+    """Many equal stars on an EFF profile centred at (0, 0): the light-weighted centroid after PSF, binning and
+    cropping is the cutout centre (31.5, 31.5), so the cluster the truth describes is the one in the middle."""
+    render = sim.renderer()
+    rng = np.random.default_rng(2)
+    canvas = np.zeros((3, render.n_super, render.n_super))
+    radius = sim.eff_radii(rng, 20000, 0.5, 3.0) / sim.PC_PER_ARCSEC
+    phi = rng.uniform(0, 2 * np.pi, len(radius))
+    render.deposit(canvas, radius * np.cos(phi), radius * np.sin(phi), np.ones((len(radius), 3)))
+    img = render.observe(canvas, rng)[2]
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+    weight = np.clip(img, 0, None)
+    assert abs((weight * xx).sum() / weight.sum() - 31.5) < 0.5
+    assert abs((weight * yy).sum() / weight.sum() - 31.5) < 0.5

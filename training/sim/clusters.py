@@ -141,7 +141,6 @@ class ClusterRenderer:
     def observe(self, canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """PSF, bin to the detector grid, crop the margin, add sky/Poisson/read noise, subtract the sky."""
         blurred = np.fft.irfft2(np.fft.rfft2(canvas) * self.psf, s=canvas.shape[1:])
-        blurred = np.roll(blurred, (0, 0), axis=(1, 2))
         n = self.n_super // SUPERSAMPLE
         binned = blurred.reshape(len(self.bands), n, SUPERSAMPLE, n, SUPERSAMPLE).sum(axis=(2, 4))
         cut = binned[:, MARGIN_PX : MARGIN_PX + self.size, MARGIN_PX : MARGIN_PX + self.size]
