@@ -97,7 +97,8 @@ def test_default_bundle_is_the_images_only_69px_one():
     assert "meta" not in bundle.input_spec and bundle.input_spec["image"]["shape"] == [1, 69, 69]
 
 
-@pytest.mark.parametrize("bundle", list_shipped_bundles(), ids=lambda b: b.id)
+# mass_to_light's bundles; star_clusters' shipped bundle is checked in tests/test_star_clusters.py.
+@pytest.mark.parametrize("bundle", [b for b in list_shipped_bundles() if b.task == "mass_to_light"], ids=lambda b: b.id)
 def test_shipped_bundles_onnx_match_torch_and_record_their_training(bundle):
     assert bundle.onnx_path is not None
     training = json.loads((bundle.path / "bundle.json").read_text())["training"]
