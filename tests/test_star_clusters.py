@@ -297,3 +297,10 @@ def test_clusters_sit_at_the_cutout_centre():
     weight = np.clip(img, 0, None)
     assert abs((weight * xx).sum() / weight.sum() - 31.5) < 0.5
     assert abs((weight * yy).sum() / weight.sum() - 31.5) < 0.5
+
+
+def test_mock_clusters_with_unknown_bands_is_refused_and_writes_nothing(tmp_path, capsys):
+    store = tmp_path / "bad.zarr"
+    assert main(["mock", "clusters", str(store), "--n", "4", "--bands", "F336W,F555W,F814W"]) == 2
+    assert "F555W" in capsys.readouterr().err
+    assert not store.exists()

@@ -105,7 +105,7 @@ def write_mock_clusters(
     from training.sim import clusters
 
     store = Path(store)
-    bands = tuple(bands or clusters.BANDS)
+    bands = clusters.check_bands(bands or clusters.BANDS)  # before anything is written
     group = create_cutouts_store(
         store, n, (len(bands), clusters.SIZE, clusters.SIZE), {}, survey=clusters.survey_attrs(bands, seed),
         rows_per_unit=rows_per_unit, rows_per_batch=rows_per_batch, overwrite=overwrite,

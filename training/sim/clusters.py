@@ -210,6 +210,14 @@ def draw_parameters(rng: np.random.Generator, n: int, table: IsochroneTable) -> 
     }
 
 
+def check_bands(bands: tuple[str, ...]) -> tuple[str, ...]:
+    """The bands as a tuple if they are one of the two PHAT-like sets; a ValueError naming them otherwise."""
+    bands = tuple(bands)
+    if bands not in (BANDS, ALT_BANDS):
+        raise ValueError(f"bands must be {','.join(BANDS)} or {','.join(ALT_BANDS)}, got {','.join(bands)}")
+    return bands
+
+
 _RENDERERS: dict[tuple, ClusterRenderer] = {}
 
 
@@ -225,9 +233,7 @@ def simulate_clusters(n: int, *, size: int = SIZE, seed: int = 0, first_id: int 
     """``n`` mock clusters on crowded fields; deterministic for a given seed."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    bands = tuple(bands)
-    if bands not in (BANDS, ALT_BANDS):
-        raise ValueError(f"bands must be {BANDS} or {ALT_BANDS}, got {bands}")
+    bands = check_bands(bands)
     rng = np.random.default_rng(seed)
     render = renderer(bands, size)
     params = draw_parameters(rng, n, render.table)
