@@ -61,7 +61,7 @@ FIELD_LOG_SIGMA_RANGE = (np.log10(3.0), np.log10(60.0))  # Msun / pc^2
 FIELD_LOG_AGES = np.arange(8.0, 10.01, 0.25)
 M31_CENTRE = (10.6847, 41.2690)
 TRUTH_COLUMNS = ("log_age", "log_mass", "log_rh", "mass_current", "av", "eff_gamma", "n_stars", "field_sigma",
-                 "field_av", "mag_F336W", "mag_F475W", "mag_F814W")  # fmt: skip
+                 "field_av")  # fmt: skip  (+ mag_<band>: the cluster's noiseless total AB magnitude per band)
 
 
 @dataclass
@@ -238,7 +238,8 @@ def simulate_clusters(n: int, *, size: int = SIZE, seed: int = 0, first_id: int 
     render = renderer(bands, size)
     params = draw_parameters(rng, n, render.table)
     images = np.empty((n, len(bands), size, size), dtype=np.float32)
-    truth: dict[str, list] = {k: [] for k in TRUTH_COLUMNS}
+    columns_out = (*TRUTH_COLUMNS, *(f"mag_{b}" for b in bands))
+    truth: dict[str, list] = {k: [] for k in columns_out}
     for i in range(n):
         canvas = np.zeros((len(bands), render.n_super, render.n_super))
         if field:
@@ -247,13 +248,8 @@ def simulate_clusters(n: int, *, size: int = SIZE, seed: int = 0, first_id: int 
                               float(10 ** params["log_rh"][i]), float(params["eff_gamma"][i]), float(params["av"][i]),
                               (float(params["centre_x"][i]), float(params["centre_y"][i])))  # fmt: skip
         images[i] = render.observe(canvas, rng)
-        for key in TRUTH_COLUMNS:
-            if key in info:
-                truth[key].append(info[key])
-            elif key.startswith("mag_"):
-                truth[key].append(info.get(key.replace("F475W", bands[1]), np.nan))
-            else:
-                truth[key].append(float(params[key][i]))
+        for key in columns_out:
+            truth[key].append(info[key] if key in info else float(params[key][i]))
     ids = np.arange(first_id, first_id + n, dtype=np.int64)
     # Positions scattered over M31's disc (cosmetic: the catalogue needs sky coordinates).
     ra = M31_CENTRE[0] + rng.uniform(-0.6, 0.6, n)
