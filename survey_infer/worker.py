@@ -98,10 +98,6 @@ class UnitSpec:
     unit_tiles: tuple[int, ...] = ()
     cut: CutSpec | None = None
 
-    @property
-    def n_rows(self) -> int:
-        return self.unit_bounds[-1][1] if self.unit_bounds else 0
-
     def rows(self, unit_index: int) -> tuple[int, int]:
         return self.unit_bounds[unit_index]
 
