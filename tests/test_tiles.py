@@ -399,3 +399,21 @@ def test_singular_wcs_is_refused(mock_tiles, tmp_path):
     fits.PrimaryHDU(np.zeros((50, 50), np.float32), header=header).writeto(bad)
     with pytest.raises(StoreError, match="band g: .*singular.fits.*(cannot be inverted|does not invert|cannot read)"):
         ingest_tiles(tmp_path / "s.zarr", [{"g": str(bad)}], mock_tiles["sources"])
+
+
+def test_kept_catalog_columns_reach_the_task(mock_tiles, tmp_path):
+    """A --keep column (here the g luminosity) is stored with the sources and used by the task (log M*)."""
+    catalog = Table.read(mock_tiles["sources"])
+    catalog["lum_g"] = np.where(np.arange(len(catalog)) % 2 == 0, 1e10, np.nan)
+    path = tmp_path / "with_lum.parquet"
+    catalog.write(path)
+    store = tmp_path / "lum.zarr"
+    ingest_tiles(store, mock_tiles["tiles"], path, size_col="r_half_arcsec", keep=("lum_g",))
+    _run(store, tmp_path / "out", build_catalog=False)
+    table = read_parts(tmp_path / "out").merge(catalog.to_pandas()[["object_id", "lum_g"]], on="object_id")
+    usable = (table["flag"] & NO_ESTIMATE) == 0
+    known = usable & table["lum_g"].notna()
+    assert known.sum() > 5 and (~known & usable).sum() > 5
+    np.testing.assert_allclose(table["log_mstar"][known], np.log10(table["ml_g"][known] * 1e10), rtol=1e-5)
+    assert table["log_mstar"][~known].isna().all()
+    assert ((table["flag"][usable & table["lum_g"].isna()] & FLAG_BITS["no_luminosity"]) != 0).all()
