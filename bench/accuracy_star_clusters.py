@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         f"clusters (no positive flux in >= 2 bands); the tables below use the {int(common.sum())} clusters both methods "
         "estimated",
         "errors = estimate - truth [dex]; scatter = 1.4826 x MAD; bias_se = std / sqrt(n) of the mean bias",
-        f"timings: simulate {t_sim:.0f} s, CNN (torch, {args.threads} thread) {t_cnn:.1f} s, baseline {t_base:.1f} s",
+        f"timings: simulate {t_sim:.0f} s, CNN (torch, {args.threads} thread{'s' * (args.threads > 1)}) {t_cnn:.1f} s, "
+        f"baseline {t_base:.1f} s",
     ]
     sel = {k: np.asarray(v)[common] for k, v in truth.items()}
     estimates = {"cnn": {k: cnn[k][common] for k in TARGETS},

@@ -64,7 +64,7 @@ def mocks():
 def test_shipped_table_loads_without_pickle_and_is_monotonic():
     table = iso.load_table()
     assert table.bands == ("F336W", "F438W", "F475W", "F814W")
-    assert table.log_age[0] <= 7.0 and table.log_age[-1] >= 10.0
+    assert table.log_age[0] <= sim.LOG_AGE_RANGE[0] and table.log_age[-1] >= sim.LOG_AGE_RANGE[1]
     assert iso.TABLE_PATH.stat().st_size < 2e6
     for k in range(len(table.log_age)):
         assert np.all(np.diff(table.m_ini[table.rows(k)]) > 0)
@@ -139,7 +139,7 @@ def test_mocks_are_deterministic_with_truth_in_range(mocks):
     assert mocks.images.shape == (48, 3, 64, 64) and mocks.images.dtype == np.float32
     t = mocks.truth
     assert set(sim.TRUTH_COLUMNS) <= set(t)
-    assert np.all((t["log_age"] >= 7.0 - 1e-9) & (t["log_age"] <= 10.0 + 1e-9))
+    assert np.all((t["log_age"] >= sim.LOG_AGE_RANGE[0] - 1e-9) & (t["log_age"] <= sim.LOG_AGE_RANGE[1] + 1e-9))
     assert np.all((t["log_mass"] >= 2.2) & (t["log_mass"] < 3.95))
     assert np.all(t["mass_current"] <= 1.001 * 10 ** t["log_mass"])  # stars lose mass, remnants left out
     assert np.median(t["mass_current"][t["log_age"] > 9.5] / 10 ** t["log_mass"][t["log_age"] > 9.5]) < 0.75

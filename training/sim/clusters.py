@@ -1,6 +1,7 @@
 """Mock semi-resolved star clusters in M31, made star by star, in three HST bands on crowded fields.
 
-One cluster: log age uniform in [7, 10] (snapped to the PARSEC grid, 0.05 dex), log initial mass uniform in
+One cluster: log age uniform in [6.6, 10] (snapped to the PARSEC grid, 0.05 dex: 10 Myr - 10 Gyr and a 0.4 dex
+margin below, so that estimates near 10 Myr do not regress away from a prior edge), log initial mass uniform in
 [2.2, 3.9] (160 - 8000 Msun: 250 - 4000 and a margin), stars drawn one by one from a Kroupa IMF until that mass
 is reached (``training.sim.isochrones``), so the handful of bright stars that dominate a low-mass cluster's
 light scatters as in nature. Each star's magnitudes come from the PARSEC isochrone of the cluster's age (Z =
@@ -51,7 +52,7 @@ READ_NOISE_E = {"F336W": 6.0, "F438W": 6.0, "F475W": 8.0, "F814W": 8.0}
 PSF_HALO_FRACTION = 0.15
 PSF_HALO_SCALE = 4.0
 
-LOG_AGE_RANGE = (7.0, 10.0)
+LOG_AGE_RANGE = (6.6, 10.0)  # 10 Myr - 10 Gyr with a 0.4 dex margin below 10 Myr (no pile-up against the edge)
 LOG_MASS_RANGE = (2.2, 3.9)
 LOG_RH_RANGE = (-1.0, 1.0)  # pc
 EFF_GAMMA_RANGE = (2.6, 4.0)
