@@ -38,7 +38,7 @@ for path in (REPO, REPO / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from throughput import CpuMonitor, _cpu_model, bare_inputs, log, measure_bare  # noqa: E402
+from throughput import CpuMonitor, _cpu_model, bare_inputs, log, time_engine  # noqa: E402
 
 from survey_infer.bundle import default_bundle_path, load_bundle  # noqa: E402
 from survey_infer.config import available_cores  # noqa: E402
@@ -141,6 +141,16 @@ def float16_effect(bundle_dir: Path, images: np.ndarray) -> float:
     exact = engine.run({"image": images})["ml_g"]
     rounded = engine.run({"image": images.astype(np.float16).astype(np.float32)})["ml_g"]
     return float(np.max(np.abs(exact - rounded)))
+
+
+def measure_bare(bundle_dir: Path, inputs: dict, threads: int, precision: str, seconds: float) -> dict:
+    """The bare ONNX Runtime engine at ``precision`` on in-memory cutouts (no I/O), batch 256."""
+    from survey_infer.engines import make_engine
+
+    engine = make_engine("onnxruntime", load_bundle(bundle_dir), threads=threads, device="cpu", precision=precision)
+    monitor = CpuMonitor()
+    result = time_engine(engine, inputs, 256, seconds)
+    return {**result, **monitor.stop()}
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -255,13 +265,13 @@ def main() -> int:
 
     inputs = bare_inputs(bundle_dir, stores[sizes[0]][0], 4096)
     log("bare engine before the runs")
-    before = measure_bare("onnxruntime", bundle_dir, inputs, 256, cores, args.bare_seconds)
+    before = measure_bare(bundle_dir, inputs, cores, args.precision, args.bare_seconds)
     runs = {}
     for n in sizes:
         log(f"run {n}")
         runs[n] = run_and_measure(stores[n][0], bundle_dir, args.workdir / f"out-{n}", args.precision)
     log("bare engine after the runs")
-    after = measure_bare("onnxruntime", bundle_dir, inputs, 256, cores, args.bare_seconds)
+    after = measure_bare(bundle_dir, inputs, cores, args.precision, args.bare_seconds)
     reference = (before["rows_per_s"] + after["rows_per_s"]) / 2
 
     mib = 1024.0**2
@@ -297,8 +307,9 @@ def main() -> int:
                                        for n in sizes])  # fmt: skip
     row("other processes' CPU (cores)", [f"{runs[n]['other_cores']:.2f}" for n in sizes])
     row("pipeline_vs_engine", [f"{runs[n]['rows_per_s'] / reference:.3f}" for n in sizes])
-    lines.append(f"bare onnxruntime {cores} threads: {before['rows_per_s']:.0f} before, {after['rows_per_s']:.0f} after "
-                 f"(reference {reference:.0f} cutouts/s)")  # fmt: skip
+    lines.append(f"bare onnxruntime {args.precision} {cores} threads: {before['rows_per_s']:.0f} before "
+                 f"(others {before['other_cores']:.2f} cores), {after['rows_per_s']:.0f} after (others "
+                 f"{after['other_cores']:.2f}); reference {reference:.0f} cutouts/s")  # fmt: skip
     for n in sizes:
         for failure in runs[n]["failures"]:
             lines.append(f"FAILED ({n}): {failure}")
