@@ -233,10 +233,9 @@ def prepare_stamps(stamps: np.ndarray, subtract_sky: bool = True, pad: np.ndarra
     sky_pixels = np.where(finite[:, border], stamps[:, border], np.nan)  # (N, border pixels)
     no_border = ~np.isfinite(sky_pixels).any(axis=1)
     if no_border.any():  # the border is all NaN or padded: measure on every finite pixel instead
-        wide = np.full((len(stamps), finite[0].size), np.nan)
-        wide[: len(sky_pixels), : sky_pixels.shape[1]] = sky_pixels
-        wide[no_border] = np.where(finite[no_border], stamps[no_border], np.nan).reshape(int(no_border.sum()), -1)
-        sky_pixels = wide
+        everywhere = np.where(finite, stamps, np.nan).reshape(len(stamps), -1)
+        padding = np.full((len(stamps), everywhere.shape[1] - sky_pixels.shape[1]), np.nan)
+        sky_pixels = np.where(no_border[:, None], everywhere, np.concatenate([sky_pixels, padding], axis=1))
     sky, noise = clipped_sky_and_noise(sky_pixels)
     if not subtract_sky:
         sky = np.zeros(len(stamps))

@@ -149,7 +149,7 @@ def write_block(group: zarr.Group, start: int, images: np.ndarray, columns: dict
         group[name][start:stop] = values
 
 
-def open_group(path: Path) -> zarr.Group:
+def _open_group(path: Path) -> zarr.Group:
     if not path.exists():
         raise StoreError(f"store {path} does not exist")
     if not path.is_dir():
@@ -163,10 +163,7 @@ def open_group(path: Path) -> zarr.Group:
     return group
 
 
-def store_kind(path: str | Path) -> str:
-    """The kind of a survey-infer store, refusing anything that is not one."""
-    path = Path(path)
-    group = open_group(path)
+def _kind_of(group: zarr.Group, path: Path) -> str:
     marker = group.attrs.get("survey_infer")
     if not isinstance(marker, dict) or "kind" not in marker:
         raise StoreError(
@@ -180,6 +177,20 @@ def store_kind(path: str | Path) -> str:
     return marker["kind"]
 
 
+def store_kind(path: str | Path) -> str:
+    """The kind of a survey-infer store, refusing anything that is not one."""
+    return _kind_of(_open_group(Path(path)), Path(path))
+
+
+def open_store(path: Path, kind: str) -> zarr.Group:
+    """The store's group (opened once), refused unless it is a survey-infer store of ``kind``."""
+    group = _open_group(path)
+    actual = _kind_of(group, path)
+    if actual != kind:
+        raise StoreError(f"store {path} is of kind {actual!r}; a {kind!r} store was expected")
+    return group
+
+
 def _row_block(array: zarr.Array) -> int:
     shards = getattr(array, "shards", None)
     return int((shards or array.chunks)[0])
@@ -188,10 +199,7 @@ def _row_block(array: zarr.Array) -> int:
 def open_cutouts(path: str | Path) -> CutoutStoreInfo:
     """Open and validate a `cutouts` store; refuse it with a message naming the array at fault."""
     path = Path(path)
-    kind = store_kind(path)
-    if kind != "cutouts":
-        raise StoreError(f"store {path} is of kind {kind!r}; a 'cutouts' store was expected")
-    group = open_group(path)
+    group = open_store(path, "cutouts")
     arrays = dict(group.arrays())
     if IMAGE_ARRAY not in arrays:
         raise StoreError(f"store {path} has no '{IMAGE_ARRAY}' array; (N, C, H, W) float32 or float16 was expected")

@@ -36,7 +36,7 @@ from zarr.codecs import BloscCodec
 from survey_infer.errors import StoreError
 from survey_infer.flags import FLAG_BITS
 from survey_infer.stamps import cut_stamp, measure_r_half, off_image_mask, prepare_stamps
-from survey_infer.store import STORE_FORMAT, open_group, store_fingerprint, store_kind
+from survey_infer.store import STORE_FORMAT, open_store, store_fingerprint
 
 TILES_GROUP = "tiles"
 SOURCES_GROUP = "sources"
@@ -402,10 +402,7 @@ class TilesStoreInfo:
 def open_tiles(path: str | Path) -> TilesStoreInfo:
     """Open and validate a `tiles` store; refuse it with a message naming the array at fault."""
     path = Path(path)
-    kind = store_kind(path)
-    if kind != "tiles":
-        raise StoreError(f"store {path} is of kind {kind!r}; a 'tiles' store was expected")
-    group = open_group(path)
+    group = open_store(path, "tiles")
     bands, tile_ids = list(group.attrs.get("bands", [])), list(group.attrs.get("tiles", []))
     shapes, scales = {}, {}
     for tile_id in tile_ids:
@@ -478,11 +475,11 @@ def make_cut_spec(info: TilesStoreInfo, bands: list[str], shape: tuple[int, int,
         raise StoreError(f"store {info.path} has bands {info.bands}; the bundle needs {bands} (missing {missing})")
     if shape[1] != shape[2]:
         raise StoreError(f"the bundle's cutouts are {shape[1]}x{shape[2]}; only square cutouts can be cut from tiles")
-    kind = framing.get("kind")
+    kind, indices = framing.get("kind"), tuple(info.bands.index(b) for b in bands)
     if kind == "half_light":
-        return CutSpec(tuple(info.bands.index(b) for b in bands), shape[1], kind, fov_r_half=float(framing["fov_r_half"]))
+        return CutSpec(indices, shape[1], kind, fov_r_half=float(framing["fov_r_half"]))
     if kind == "pixel_scale":
-        return CutSpec(tuple(info.bands.index(b) for b in bands), shape[1], kind, arcsec_per_px=float(framing["arcsec_per_px"]))
+        return CutSpec(indices, shape[1], kind, arcsec_per_px=float(framing["arcsec_per_px"]))
     raise StoreError(f"the bundle's framing {framing!r} is neither 'half_light' nor 'pixel_scale'")
 
 
