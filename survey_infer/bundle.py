@@ -22,6 +22,8 @@ BUNDLE_FORMAT = 1
 BUNDLE_JSON = "bundle.json"
 WEIGHTS_FILE = "weights.safetensors"
 ONNX_FILE = "model.onnx"
+FEATURES_OUTPUT = "features"  # the engine output that carries the penultimate layer (the trust score's input)
+TRUST_KEY = "trust"  # bundle.json section describing the trust file (survey_infer.trust)
 REQUIRED_KEYS = ("bundle_format", "id", "task", "architecture", "input_spec", "output_spec", "files")
 
 
@@ -91,7 +93,20 @@ class Bundle:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise BundleError(f"bundle {self.path}: {WEIGHTS_FILE} does not match architecture {arch['name']}: {exc}") from exc
+        if self.emits_features:  # the penultimate layer as an extra output, last (issue 12: the trust score)
+            if not hasattr(model, "emit_features"):
+                raise BundleError(f"bundle {self.path}: engine_io.outputs names {FEATURES_OUTPUT!r}, but architecture "
+                                  f"{arch['name']} cannot emit its features")  # fmt: skip
+            model.emit_features = True
         return model.eval()
+
+    @property
+    def emits_features(self) -> bool:
+        """Whether the engines return the penultimate layer as output ``features`` (the last of engine_io)."""
+        outputs = list(self.meta.get("engine_io", {}).get("outputs", []))
+        if FEATURES_OUTPUT in outputs and outputs[-1] != FEATURES_OUTPUT:
+            raise BundleError(f"bundle {self.path}: engine_io.outputs {outputs}: {FEATURES_OUTPUT!r} must come last")
+        return FEATURES_OUTPUT in outputs
 
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".bin", ".dill")  # formats that unpickle
@@ -206,7 +221,22 @@ def load_bundle(path: str | Path, task: str | None = None) -> Bundle:
                 f"bundle {path}: file {name} has sha256 {actual[:16]}..., {BUNDLE_JSON} says {str(expected)[:16]}... "
                 "(tampered with or from another bundle)"
             )
+    check_trust_listing(path, meta)
     return Bundle(path=path, meta=meta)
+
+
+def check_trust_listing(bundle_dir: Path, meta: dict[str, Any]) -> None:
+    """A ``trust`` section must name a file that ``files`` lists (so its sha256 is checked), and the engines
+    must return the ``features`` it scores."""
+    section = meta.get(TRUST_KEY)
+    if section is None:
+        return
+    if not isinstance(section, dict) or section.get("file") not in meta["files"]:
+        named = section.get("file") if isinstance(section, dict) else section
+        raise BundleError(f"bundle {bundle_dir}: {BUNDLE_JSON} 'trust' must name a file listed in 'files' (got {named!r})")
+    if FEATURES_OUTPUT not in meta.get("engine_io", {}).get("outputs", []):
+        raise BundleError(f"bundle {bundle_dir}: {BUNDLE_JSON} has a 'trust' section but engine_io.outputs has no "
+                          f"{FEATURES_OUTPUT!r}")  # fmt: skip
 
 
 def record_file(bundle_dir: Path, name: str) -> None:

@@ -37,7 +37,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a different run in --output")
     parser.add_argument("--no-catalog", action="store_true", help="skip building the HATS catalog")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
+    parser.add_argument("--ood-threshold", type=float, metavar="Q",
+                        help="flag rows ood above this quantile (0-1) of the bundle's held-out in-distribution "
+                             "ood_score distribution (default: the bundle's threshold, its 0.99 quantile)")
 
 def _add_ingest_parser(sub: argparse._SubParsersAction) -> None:
     ingest = sub.add_parser("ingest", help="turn FITS images and catalogs into a survey store")
@@ -115,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--check-rows", type=int, default=1024,
                           help="further rows on which int8 is compared with fp32 (default 1024)")
 
+    trust = sub.add_parser("trust", help="give a bundle its ood score and recalibrated errors (needs the training code)",
+                           description="Adds the features output (re-exports ONNX, re-quantizes INT8), fits the "
+                                       "out-of-distribution score on fresh in-distribution mocks and recalibrates "
+                                       "the *_err columns; see training/trust.py.")  # fmt: skip
+    trust.add_argument("bundle", type=Path)
+    trust.add_argument("--n-fit", type=int, default=8000, help="mocks the mean and covariance are fitted on (default 8000)")
+    trust.add_argument("--n-held-out", type=int, default=8000,
+                       help="further mocks for the threshold and the error recalibration (default 8000)")
+    trust.add_argument("--engine", default="onnxruntime", help="engine the mocks run through (default onnxruntime)")
+    trust.add_argument("--transform", choices=["sqrt", "none"],
+                       help="feature transform before the Mahalanobis distance (default: the task's, training/trust.py)")
+    trust.add_argument("--int8-calibration", type=Path,
+                       help="cutouts store to re-quantize an INT8 model on (default: the one the bundle records)")
+
     sub.add_parser("bundles", help="list the shipped model bundles")
 
     catalog = sub.add_parser("catalog", add_help=False,
@@ -147,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         device=args.device, precision=args.precision, workers=args.workers, threads_per_worker=args.threads_per_worker, in_process=args.in_process,
         engine_threads=args.engine_threads, scheduler=args.scheduler, rows_per_unit=args.rows_per_unit,
         max_in_flight=args.max_in_flight, retries=args.retries, overwrite=args.overwrite,
-        build_catalog=not args.no_catalog, progress=not args.no_progress,
+        build_catalog=not args.no_catalog, progress=not args.no_progress, ood_threshold=args.ood_threshold,
     )  # fmt: skip
     plan = plan_run(config)
     with client_for(config) as client:
@@ -165,6 +181,10 @@ def _print_run_summary(record: dict, out_dir: Path) -> None:
           f"{timings['rows_per_second']:.0f} rows/s")  # fmt: skip
     for failure in record["failures"]:
         print(f"  FAILED unit {failure['unit']} rows {failure['rows']}: {failure['error']}", file=sys.stderr)
+    trust = record.get("trust") or {}
+    if trust.get("enabled"):
+        print(f"  ood: {trust['rows_flagged_ood']} rows above ood_score {trust['threshold']:.4g} "
+              f"(quantile {trust['quantile']:g}, from the {trust['source']})")  # fmt: skip
     if record.get("catalog", {}).get("error"):
         print(f"  catalog build failed: {record['catalog']['error']}", file=sys.stderr)
     print(f"  outputs: {out_dir}/parts, {out_dir}/catalog, {out_dir}/run.json")
@@ -238,6 +258,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trust(args: argparse.Namespace) -> int:
+    from training.trust import fit_trust
+
+    section = fit_trust(args.bundle, n_fit=args.n_fit, n_held_out=args.n_held_out, engine=args.engine,
+                        int8_store=args.int8_calibration, transform=args.transform)  # fmt: skip
+    print(f"wrote {args.bundle / section['file']}: ood threshold {section['threshold']:.4g} (quantile "
+          f"{section['threshold_quantile']} of {section['mocks']['held_out_rows']} held-out mocks), shrinkage "
+          f"{section['shrinkage']:.3g}")  # fmt: skip
+    for name, r in section["recalibration"]["outputs"].items():
+        print(f"  {name}_err scale {r['previous_scale']:.4g} -> {r['scale']:.4g}: coverage 68% "
+              f"{r['coverage_before']['68']:.3f} -> {r['coverage_after']['68']:.3f}, 95% "
+              f"{r['coverage_before']['95']:.3f} -> {r['coverage_after']['95']:.3f}")  # fmt: skip
+    return 0
+
+
 def cmd_bundles(args: argparse.Namespace) -> int:
     from survey_infer.bundle import list_shipped_bundles
 
@@ -264,7 +299,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return catalog_main(args.catalog_args)
 
 
-COMMANDS = {"catalog": cmd_catalog, "run": cmd_run, "ingest": cmd_ingest, "mock": cmd_mock, "train": cmd_train, "export": cmd_export, "quantize": cmd_quantize, "bundles": cmd_bundles,
+COMMANDS = {"catalog": cmd_catalog, "run": cmd_run, "ingest": cmd_ingest, "mock": cmd_mock, "train": cmd_train, "export": cmd_export, "quantize": cmd_quantize, "trust": cmd_trust, "bundles": cmd_bundles,
             "demo": cmd_demo}  # fmt: skip
 
 

@@ -24,6 +24,8 @@ class RunConfig:
     engine_threads: threads each inference call may use; by default the cores left per worker thread.
     rows_per_unit: rows in one unit of work; a multiple of the store's row block (default: one block).
     max_in_flight: units submitted but not finished at any time (default: 2 per worker thread).
+    ood_threshold: flag rows ``ood`` above this quantile (0-1) of the bundle's held-out in-distribution
+        ood_score distribution (default: the bundle's own threshold, its 99th percentile; survey_infer.trust).
     """
 
     task: str
@@ -44,6 +46,7 @@ class RunConfig:
     overwrite: bool = False
     build_catalog: bool = True
     progress: bool = True
+    ood_threshold: float | None = None
 
     def __post_init__(self) -> None:
         self.input = Path(self.input)
@@ -57,6 +60,10 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise RefusedError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.ood_threshold is not None:
+            from survey_infer.trust import check_quantile
+
+            self.ood_threshold = check_quantile(self.ood_threshold)
         if self.retries < 0:
             raise RefusedError(f"--retries must be >= 0, got {self.retries}")
         if self.threads_per_worker is None:

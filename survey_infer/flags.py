@@ -14,6 +14,8 @@ FLAG_BITS: dict[str, int] = {
     "missing_band": 64,  # a band the model needs is missing
     "out_of_range": 128,  # an input lies outside the range the model was trained on
     "no_size": 256,  # no half-light radius given or measurable: the cutout cannot be framed like the training data
+    # ood_score above the run's threshold: unlike the training mocks, so the estimate (kept) may be unreliable
+    "ood": 512,
 }
 NO_ESTIMATE = FLAG_BITS["nan_pixels"] | FLAG_BITS["empty_cutout"] | FLAG_BITS["off_tile"] | FLAG_BITS["missing_band"] | FLAG_BITS["no_size"]
 

@@ -33,7 +33,13 @@ class MassToLightCNN(nn.Module):
     [concat n_meta scalars] -> Dense 512 -> (M/L, log variance). Valid padding and ReLU as in the workshop;
     the M/L head uses softplus rather than ReLU so that gradients never die at zero, and the second output
     (Gaussian negative log-likelihood) gives every row its own uncertainty.
+
+    With ``emit_features`` set (bundles whose ``engine_io.outputs`` name ``features``), a third output is the
+    penultimate layer: the ``hidden`` ReLU activations that the last Linear reads (the trust score's input).
     """
+
+    emit_features = False
+
 
     def __init__(self, in_channels: int = 1, n_meta: int = 0, width: int = 32, hidden: int = 512):
         super().__init__()
@@ -52,10 +58,12 @@ class MassToLightCNN(nn.Module):
         features = self.features(image)
         if self.n_meta:
             features = torch.cat([features, meta], dim=1)
-        out = self.head(features)
+        hidden = self.head[:-1](features)
+        out = self.head[-1](hidden)
         ml = nn.functional.softplus(out[:, 0])
         log_var = out[:, 1].clamp(-12.0, 6.0)
-        return ml, log_var
+        return (ml, log_var, hidden) if self.emit_features else (ml, log_var)
+
 
 
 class _ResidualBlock(nn.Module):
@@ -86,7 +94,11 @@ class ClusterResNet(nn.Module):
     one regresses (Gaussian negative log-likelihood) so every row gets a mean and a 1-sigma per target, far
     cheaper to train on a CPU. Targets are standardised inside the network (``target_mean``, ``target_std``
     recorded as kwargs), so its outputs are physical: log10 age [yr], log10 mass [Msun], log10 r_h [pc].
+    With ``emit_features`` set, a third output is the penultimate layer (the ``hidden`` ReLU activations).
     """
+
+    emit_features = False
+
 
     def __init__(self, in_channels: int = 3, widths: tuple[int, ...] = (32, 64, 128, 256), blocks: int = 1,
                  hidden: int = 256, n_targets: int = 3, target_mean: tuple[float, ...] = (0.0, 0.0, 0.0),
@@ -107,7 +119,8 @@ class ClusterResNet(nn.Module):
         self.register_buffer("target_std", torch.tensor(target_std, dtype=torch.float32), persistent=False)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.head(self.features(image))
+        hidden = self.head[:-1](self.features(image))
+        out = self.head[-1](hidden)
         mean = self.target_mean + self.target_std * out[:, : self.n_targets]
         log_var = out[:, self.n_targets :].clamp(-14.0, 6.0) + 2 * torch.log(self.target_std)
-        return mean, log_var
+        return (mean, log_var, hidden) if self.emit_features else (mean, log_var)

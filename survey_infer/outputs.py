@@ -28,9 +28,17 @@ BASE_COLUMNS = [
 ]
 
 
-def catalog_schema(task_columns: list[OutputColumn], bundle_id: str, task: str) -> pa.Schema:
-    """The schema of every part: ids and position, the task's outputs, flags, bundle id; units in metadata."""
-    fields = [c.field() for c in BASE_COLUMNS + task_columns]
+OOD_SCORE_COLUMN = OutputColumn(
+    "ood_score", "float32", "",
+    "out-of-distribution score (Mahalanobis distance of the network's penultimate-layer features from its training "
+    "mocks'); above the run's threshold the row is flagged ood; null where the bundle has no trust description",
+)  # fmt: skip
+
+
+def catalog_schema(task_columns: list[OutputColumn], bundle_id: str, task: str, ood_score: bool = False) -> pa.Schema:
+    """The schema of every part: ids and position, the task's outputs, ``ood_score`` (when asked: the cutout
+    tasks' units write it on every row, survey_infer.trust), flags, bundle id; units in metadata."""
+    fields = [c.field() for c in BASE_COLUMNS + task_columns + ([OOD_SCORE_COLUMN] if ood_score else [])]
     fields += [
         pa.field("flag", pa.int32(), metadata={"unit": "", "description": "bit flags, see flag_reason"}),
         pa.field("flag_reason", pa.string(), metadata={"unit": "", "description": "comma-separated flag names"}),

@@ -36,6 +36,7 @@ from survey_infer.outputs import (
 from survey_infer.store import CutoutStoreInfo, check_positions, open_cutouts, store_kind
 from survey_infer.tasks import Task, get_task
 from survey_infer.tiles import TilesStoreInfo, cutting_summary, open_tiles
+from survey_infer.trust import resolve_threshold
 from survey_infer.worker import PLUGIN_NAME, EngineKey, EnginePlugin, UnitSpec, process_unit
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class RunPlan:
     identity: dict[str, str]
     resume: bool
     n_units: int
+    trust: dict[str, Any] = field(default_factory=dict)
     done: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -112,7 +114,10 @@ def plan_run(config: RunConfig) -> RunPlan:
     info = open_input(config, task)
     cut = task.check_store(info, bundle)
     unit_bounds, rows_per_read = _units(config, info)
+    trust = resolve_threshold(bundle, config.ood_threshold)
     identity = {"input": info.fingerprint(), "bundle": bundle.sha256()}
+    if config.ood_threshold is not None:  # parts flagged at another threshold must not be mixed in by a resume
+        identity["ood_threshold"] = repr(config.ood_threshold)
     resume = check_output_dir(config.output, identity, config.overwrite)
     engine_key = EngineKey(str(bundle.path.resolve()), config.engine, config.resolved_engine_threads(), config.device,
                            config.precision)  # fmt: skip
@@ -121,8 +126,9 @@ def plan_run(config: RunConfig) -> RunPlan:
         columns_path=str(info.columns_path.resolve()), out_dir=str(config.output.resolve()), engine_key=engine_key,
         unit_bounds=unit_bounds, rows_per_read=rows_per_read, columns=tuple(task.input_columns(bundle)),
         available_columns=tuple(info.columns), unit_tiles=getattr(info, "unit_tiles", ()), cut=cut,
+        ood_threshold=trust.get("threshold"),
     )  # fmt: skip
-    plan = RunPlan(config, bundle, info, spec, identity, resume, len(unit_bounds))
+    plan = RunPlan(config, bundle, info, spec, identity, resume, len(unit_bounds), trust=trust)
     if resume:
         for unit in range(plan.n_units):
             marker = read_done_marker(config.output, unit)
@@ -238,6 +244,7 @@ def _run_locked(config: RunConfig, client: Client, plan: RunPlan, started: float
                "ran": len(summaries)},
         rows={"in": plan.store.n_rows, "out": rows_out, "flagged": sum(s["flagged"] for s in finished.values())},
         failures=failures,
+        trust={**plan.trust, "rows_flagged_ood": sum(s.get("ood", 0) for s in finished.values())},
         catalog={"path": str(paths.catalog_path(config.output)) if config.build_catalog and ok else None,
                  "error": catalog_error},
         timings={"seconds": round(time.time() - started, 3), "units_seconds": round(units_seconds, 3),

@@ -22,11 +22,12 @@ from distributed import WorkerPlugin, get_worker
 from survey_infer.bundle import Bundle, load_bundle
 from survey_infer.config import available_cores
 from survey_infer.engines import Engine, make_engine
-from survey_infer.flags import flag_reasons
+from survey_infer.flags import FLAG_BITS, NO_ESTIMATE, flag_reasons
 from survey_infer.outputs import catalog_schema, write_done_marker, write_part_atomic
 from survey_infer.store import iter_image_batches, read_columns
 from survey_infer.tiles import CutSpec, iter_tile_batches
 from survey_infer.tasks import get_task
+from survey_infer.trust import SCORE_COLUMN, bundle_trust, score_rows
 
 PLUGIN_NAME = "survey-infer-engines"
 
@@ -97,6 +98,7 @@ class UnitSpec:
     available_columns: tuple[str, ...]
     unit_tiles: tuple[int, ...] = ()
     cut: CutSpec | None = None
+    ood_threshold: float | None = None  # the run's ood_score threshold (None: the bundle's own)
 
     def rows(self, unit_index: int) -> tuple[int, int]:
         return self.unit_bounds[unit_index]
@@ -157,6 +159,7 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
     started = time.perf_counter()
     task = get_task(spec.task)
     bundle, engine = loaded_engine(spec.engine_key)
+    trust = bundle_trust(bundle)
     start, stop = spec.rows(unit_index)
     wanted = ["object_id", "ra", "dec"] + [c for c in spec.columns if c in spec.available_columns]
     columns = read_columns(Path(spec.columns_path), start, stop, wanted)
@@ -174,10 +177,11 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
         infer_seconds += time.perf_counter() - tick
         flags |= store_flags
         results = task.postprocess(outputs, batch_columns, flags, bundle)
-        pieces.append({**results, "flag": flags})
+        score = score_rows(trust, outputs, flags, spec.ood_threshold, NO_ESTIMATE, FLAG_BITS["ood"])
+        pieces.append({**results, SCORE_COLUMN: score, "flag": flags})
 
     merged = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
-    schema = catalog_schema(task.output_columns(bundle), bundle.id, task.name)
+    schema = catalog_schema(task.output_columns(bundle), bundle.id, task.name, ood_score=True)
     data = {"object_id": columns["object_id"], "ra": columns["ra"], "dec": columns["dec"], **merged,
             "flag_reason": flag_reasons(merged["flag"]), "bundle_id": [bundle.id] * (stop - start)}  # fmt: skip
     table = pa.Table.from_pydict({f.name: data[f.name] for f in schema}, schema=schema)
@@ -186,6 +190,7 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
         "unit": unit_index,
         "rows": stop - start,
         "flagged": int(np.count_nonzero(merged["flag"])),
+        "ood": int(np.count_nonzero(merged["flag"] & FLAG_BITS["ood"])),
         "engine": engine.describe(),
         "seconds": round(time.perf_counter() - started, 4),
         "infer_seconds": round(infer_seconds, 4),

@@ -24,7 +24,8 @@ def _engines_agree(bundle, n_rows: int, seed: int = 0) -> float:
     torch_out = make_engine("torch", bundle, threads=1, device="cpu").run(inputs)
     worst = 0.0
     for name in bundle.meta["engine_io"]["outputs"]:
-        assert ort_out[name].shape == torch_out[name].shape == (n_rows,)
+        assert ort_out[name].shape == torch_out[name].shape
+        assert ort_out[name].shape[0] == n_rows and (ort_out[name].ndim == 1 or name == "features")  # features: (N, D)
         assert np.isfinite(ort_out[name]).all()
         worst = max(worst, float(np.max(np.abs(ort_out[name] - torch_out[name]))))
     assert worst <= TOL, f"onnxruntime and torch differ by {worst}"

@@ -6,7 +6,8 @@ import numpy as np
 
 
 def regression_metrics(pred: np.ndarray, sigma: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """RMSE, R^2, bias, median |error|, the fraction within 1 sigma, and the Gaussian NLL of ``pred +- sigma``."""
+    """RMSE, R^2, bias, median |error|, the fractions within 1 and 1.96 sigma (the 68.27% and 95% intervals'
+    coverage), and the Gaussian NLL of ``pred +- sigma``."""
     pred, sigma, truth = (np.asarray(a, dtype=np.float64) for a in (pred, sigma, truth))
     err = pred - truth
     var = sigma**2
@@ -16,6 +17,7 @@ def regression_metrics(pred: np.ndarray, sigma: np.ndarray, truth: np.ndarray) -
         "bias": float(np.mean(err)),
         "median_abs_error": float(np.median(np.abs(err))),
         "within_1sigma": float(np.mean(np.abs(err) < sigma)),
+        "within_1.96sigma": float(np.mean(np.abs(err) < 1.959964 * sigma)),  # the 95% interval's coverage
         "gaussian_nll": float(np.mean(0.5 * (np.log(var) + err**2 / var))),
     }
 

@@ -55,6 +55,26 @@ MAP_NAMES = ("log_mstar", "log_age", "log_z", "log_sfr")  # per pixel: Msun, yr 
 BATCH = 256
 
 
+@dataclass(frozen=True)
+class Observing:
+    """Observing conditions of the mocks. The defaults are the training mocks'; other values make the shifted
+    mocks of ``bench/ood.py`` (another seeing, noise level or distance range than any bundle was trained on).
+
+    seeing_fwhm_arcsec: mean and sd of the seeing FWHM (normal draw) and its clip range.
+    noise_scale: multiplies the noise sigma (sky + Poisson) and the sky noise that the log scaling floors at.
+    distance_mpc: (low, high): distances uniform in volume in this range (ignoring the spectroscopic limit);
+        None: the training draw (uniform in volume from D_MIN_MPC to where r < 17.77, at most D_MAX_MPC).
+    """
+
+    seeing_fwhm_arcsec: tuple[float, float] = (1.4, 0.25)
+    seeing_clip_arcsec: tuple[float, float] = (0.9, 2.2)
+    noise_scale: float = 1.0
+    distance_mpc: tuple[float, float] | None = None
+
+
+TRAINING_OBSERVING = Observing()
+
+
 @dataclass
 class SimulatedCutouts:
     """Images (N, bands, S, S) float32 in [-1, 1]; per-object columns; truth; optional resolved maps."""
@@ -332,7 +352,7 @@ def _convolve_psf(images: np.ndarray, fwhm_pix: np.ndarray) -> np.ndarray:
     return scipy.fft.irfft2(spectrum, s=(pad, pad))[..., :size, :size]
 
 
-def _geometry(g, comps, rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
+def _geometry(g, comps, rng: np.random.Generator, size: int, observing: Observing = TRAINING_OBSERVING) -> dict[str, np.ndarray]:
     """Sizes (kpc), shapes, distance, redshift-free pixel scale, seeing."""
     n = len(g["log_mstar"])
     m = g["log_mstar"] - 10.5
@@ -353,28 +373,32 @@ def _geometry(g, comps, rng: np.random.Generator, size: int) -> dict[str, np.nda
     geom["size_kpc"] = (lum_bulge * geom["re_kpc"] + (lum_g - lum_bulge) * r50_disc) / lum_g
     geom["fov_kpc"] = FOV_IN_HALF_LIGHT_RADII * geom["size_kpc"]
     geom["pix_kpc"] = geom["fov_kpc"] / size
-    geom["psf_fwhm_arcsec"] = np.clip(rng.normal(1.4, 0.25, n), 0.9, 2.2)
+    geom["psf_fwhm_arcsec"] = np.clip(rng.normal(*observing.seeing_fwhm_arcsec, n), *observing.seeing_clip_arcsec)
     return geom
 
 
-def _distances(rng: np.random.Generator, abs_mag_r: np.ndarray) -> np.ndarray:
+def _distances(rng: np.random.Generator, abs_mag_r: np.ndarray, observing: Observing = TRAINING_OBSERVING) -> np.ndarray:
     """Luminosity distances (Mpc), uniform in volume up to where r < 17.77 still holds."""
+    if observing.distance_mpc is not None:
+        low, high = observing.distance_mpc
+        u = rng.uniform(size=len(abs_mag_r))
+        return (low**3 + u * (high**3 - low**3)) ** (1 / 3)
     d_limit = 10 ** ((SPEC_LIMIT_R - abs_mag_r) / 5 + 1) / 1e6
     d_hi = np.clip(d_limit, D_MIN_MPC * 1.01, D_MAX_MPC)
     u = rng.uniform(size=len(abs_mag_r))
     return (D_MIN_MPC**3 + u * (d_hi**3 - D_MIN_MPC**3)) ** (1 / 3)
 
 
-def _simulate_batch(rng, n, size, bands, with_maps, table):
+def _simulate_batch(rng, n, size, bands, with_maps, table, observing: Observing = TRAINING_OBSERVING):
     g = _draw_galaxies(rng, n)
     comps = _components(g, table)
     # the spectroscopic limit uses rest-frame r-band magnitudes (the K-correction at z < 0.1 is small)
     abs_r = 4.65 - 2.5 * np.log10(sum(c.lum[:, 2] for c in comps.values()))
-    distance = _distances(rng, abs_r)
+    distance = _distances(rng, abs_r, observing)
     redshift = H0 * distance / C_KMS
     for comp in comps.values():
         comp.flux_10pc = _at_redshift(comp.flux_grid, redshift)
-    geom = _geometry(g, comps, rng, size)
+    geom = _geometry(g, comps, rng, size, observing)
     profiles = _profiles(g, geom, size, rng)
     pix_arcsec = geom["pix_kpc"] / distance * 206.265
     band_index = [BANDS.index(b) for b in bands]
@@ -388,9 +412,9 @@ def _simulate_batch(rng, n, size, bands, with_maps, table):
     for j, band in enumerate(bands):
         sky = 10 ** (-0.4 * (SKY_MAG_ARCSEC2[band] - 22.5)) * pix_arcsec**2  # nmgy per output pixel
         variance = (sky[:, None, None] + np.clip(seeing[:, j], 0, None)) / ELECTRONS_PER_NMGY[band]
-        variance = variance * native_per_pixel[:, None, None]
+        variance = variance * native_per_pixel[:, None, None] * observing.noise_scale**2
         noisy = seeing[:, j] + rng.standard_normal(seeing[:, j].shape) * np.sqrt(variance)
-        sky_sigma = np.sqrt(sky / ELECTRONS_PER_NMGY[band] * native_per_pixel)
+        sky_sigma = np.sqrt(sky / ELECTRONS_PER_NMGY[band] * native_per_pixel) * observing.noise_scale
         images[:, j] = log_scale(noisy, sky_sigma)
     truth = _truth(g, comps, geom, distance, redshift)
     maps = _maps(comps, profiles) if with_maps else None
@@ -432,9 +456,11 @@ def _maps(comps, profiles) -> np.ndarray:
 
 
 def simulate(
-    n: int, size: int = 69, seed: int = 0, first_id: int = 0, bands: tuple[str, ...] = ("g",), maps: bool = False
+    n: int, size: int = 69, seed: int = 0, first_id: int = 0, bands: tuple[str, ...] = ("g",), maps: bool = False,
+    observing: Observing = TRAINING_OBSERVING,
 ) -> SimulatedCutouts:
-    """Simulate ``n`` galaxies as ``size``-pixel cutouts in ``bands`` with their truth (and maps if asked)."""
+    """Simulate ``n`` galaxies as ``size``-pixel cutouts in ``bands`` with their truth (and maps if asked);
+    ``observing`` changes the observing conditions (default: the training mocks')."""
     unknown = set(bands) - set(BANDS)
     if unknown:
         raise ValueError(f"bands must be among {BANDS}; got {sorted(unknown)}")
@@ -443,7 +469,7 @@ def simulate(
     images, truths, map_parts, geoms, distances = [], [], [], [], []
     for start in range(0, n, BATCH):
         count = min(BATCH, n - start)
-        img, geom, distance, truth, mp = _simulate_batch(rng, count, size, tuple(bands), maps, table)
+        img, geom, distance, truth, mp = _simulate_batch(rng, count, size, tuple(bands), maps, table, observing)
         images.append(img), truths.append(truth), geoms.append(geom), distances.append(distance)
         if maps:
             map_parts.append(mp)
