@@ -36,6 +36,7 @@ from sklearn.metrics import roc_auc_score
 
 from survey_infer.bundle import Bundle, default_bundle_path, load_bundle
 from survey_infer.engines import make_engine
+from survey_infer.engines.base import INT8_ONNX_FILE
 from survey_infer.flags import NO_ESTIMATE
 from survey_infer.tasks import get_task
 from survey_infer.trust import TRUST_KEY, load_trust
@@ -224,6 +225,13 @@ def bench_task(task: str, bundle: Bundle, args, report: Report) -> None:
     ok_in = np.isfinite(s_in)
     report(f"in-distribution rows flagged ood: {np.mean(s_in[ok_in] > threshold):.3f} (nominal 0.010); score median "
            f"{np.median(s_in[ok_in]):.2f}, 99th pct {np.quantile(s_in[ok_in], 0.99):.2f}")  # fmt: skip
+
+    if INT8_ONNX_FILE in bundle.meta["files"]:  # the fp32 threshold serves int8 runs too: how well?
+        int8 = make_engine("onnxruntime", bundle, threads=args.threads, precision="int8")
+        s8, _ = _scores(bundle, int8, {"images": sample.images, "columns": sample.columns})
+        ok8 = ok_in & np.isfinite(s8)
+        report(f"--precision int8 on the same mocks: flagged ood {np.mean(s8[ok8] > threshold):.3f}; |score int8 - fp32| "
+               f"median {np.median(np.abs(s8 - s_in)[ok8]):.2f}, 99th pct {np.quantile(np.abs(s8 - s_in)[ok8], 0.99):.2f}")  # fmt: skip
 
     rng = np.random.default_rng(SHIFT_SEED)
     header = f"{'shift':<62} {'n':>5} {'AUROC':>6} {'flagged':>8} {'median score':>12}"

@@ -53,7 +53,7 @@ class TrustModel:
     """A bundle's in-distribution description: Mahalanobis score and its calibrated threshold."""
 
     mean: np.ndarray  # (D,)
-    whitening: np.ndarray  # (D, D): whitening @ whitening.T = inverse (shrunk) covariance
+    whitening: np.ndarray  # (D, D) float32: whitening @ whitening.T = inverse (shrunk) covariance
     transform: str
     reference_scores: np.ndarray  # sorted scores of held-out in-distribution rows
     threshold: float
@@ -65,9 +65,10 @@ class TrustModel:
         if features.ndim != 2 or features.shape[1] != len(self.mean):
             raise BundleError(f"engine output {FEATURES_OUTPUT!r} has shape {features.shape}; the bundle's trust "
                               f"description expects (N, {len(self.mean)})")  # fmt: skip
-        centred = transform_features(features, self.transform) - self.mean
-        whitened = centred @ self.whitening
-        return np.sqrt(np.einsum("ij,ij->i", whitened, whitened))
+        # float32 matmul (half the cost of float64 on the run's hot path; scores agree to ~1e-6 relative)
+        centred = (transform_features(features, self.transform) - self.mean).astype(np.float32)
+        whitened = centred @ self.whitening.astype(np.float32, copy=False)
+        return np.sqrt(np.einsum("ij,ij->i", whitened, whitened, dtype=np.float64))
 
     def threshold_at(self, quantile: float) -> float:
         """The score below which a fraction ``quantile`` of the held-out in-distribution rows lie."""
@@ -108,7 +109,7 @@ def load_trust(bundle: Bundle) -> TrustModel | None:
     if transform not in TRANSFORMS:
         raise BundleError(f"bundle {bundle.path}: trust.transform {transform!r}; one of {TRANSFORMS} expected")
     quantile = float(section["threshold_quantile"])
-    return TrustModel(mean, whitening, transform, np.sort(reference), float(section["threshold"]), quantile)
+    return TrustModel(mean, whitening.astype(np.float32), transform, np.sort(reference), float(section["threshold"]), quantile)
 
 
 _CACHE: dict[tuple[str, str], TrustModel | None] = {}
