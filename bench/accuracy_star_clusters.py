@@ -41,7 +41,7 @@ def cnn_estimates(bundle, images: np.ndarray) -> dict[str, np.ndarray]:
         for start in range(0, len(images), 256):
             batch = images[start : start + 256]
             inputs, flags = task.prepare(batch, {}, bundle)
-            mean, log_var = model(torch.from_numpy(inputs["image"]))
+            mean, log_var = model(torch.from_numpy(inputs["image"]))[:2]  # a trust bundle also returns features
             cols = task.postprocess({"params": mean.numpy(), "params_logvar": log_var.numpy()}, {}, flags, bundle)
             for k, v in cols.items():
                 out.setdefault(k, []).append(v)

@@ -272,7 +272,7 @@ def test_shipped_bundle_onnx_matches_torch_and_estimates_held_out_mocks():
     held_out = sim.simulate_clusters(64, seed=EVAL_SEEDS["test"], bands=tuple(bundle.input_spec["image"]["bands"]))
     inputs, flags = task.prepare(held_out.images, {}, bundle)
     with torch.inference_mode():
-        mean, log_var = bundle.build_torch_model()(torch.from_numpy(inputs["image"]))
+        mean, log_var = bundle.build_torch_model()(torch.from_numpy(inputs["image"]))[:2]  # (+ features: trust)
     session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
     onnx_mean, onnx_lv = session.run(["params", "params_logvar"], {"image": inputs["image"]})
     np.testing.assert_allclose(onnx_mean, mean.numpy(), atol=1e-3)
