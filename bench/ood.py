@@ -19,7 +19,8 @@ task.postprocess, the bundle's trust description as a unit applies it):
 - coverage of the +-1 err (68.27%) and +-1.96 err (95%) intervals on the in-distribution mocks, with the
   bundle's recalibrated scale and with the scale it had before (``trust.recalibration.previous_scale``).
 
-Writes bench/results/ood.txt (the printed tables; --out to change) and prints the exact command.
+Writes bench/results/ood.txt (the printed tables; --out to change), ood_<task>.png beside it (histograms of
+the score per shift), and prints the exact command.
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ def bench_task(task: str, bundle: Bundle, args, report: Report) -> None:
     header = f"{'shift':<62} {'n':>5} {'AUROC':>6} {'flagged':>8} {'median score':>12}"
     report(f"\n{header}\n{'-' * len(header)}")
     binned = [(s_in, out_in, sample.truth)]
+    hists = [("in-distribution", s_in[ok_in])]
     for label, shift in SHIFTS[task](bundle, args.n_shift, rng):
         score, out = _scores(bundle, engine, shift)
         ok = np.isfinite(score)
@@ -246,6 +248,7 @@ def bench_task(task: str, bundle: Bundle, args, report: Report) -> None:
         y = np.r_[np.zeros(ok_in.sum()), np.ones(ok.sum())]
         auroc = roc_auc_score(y, np.r_[s_in[ok_in], score[ok]])
         report(f"{label:<62} {int(ok.sum()):5d} {auroc:6.3f} {np.mean(score[ok] > threshold):8.3f} {np.median(score[ok]):12.2f}")
+        hists.append((label.removeprefix("subtle: ")[:48], score[ok]))
         if "truth" in shift:
             binned.append((score, out, shift["truth"]))
     report("(constant or NaN cutouts never reach the network: flagged empty_cutout / nan_pixels, no estimate, null score)")
@@ -262,8 +265,11 @@ def bench_task(task: str, bundle: Bundle, args, report: Report) -> None:
         cells = " ".join(f"{np.sqrt(np.nanmean(errors[t][sel] ** 2)) if sel.sum() else np.nan:14.3f}" for t in targets)
         report(f"[{lo:7.2f}, {hi:7.2f}) {int(sel.sum()):6d} {cells}")
 
-    report(f"\ncoverage on the {args.n} in-distribution held-out mocks (nominal 0.683 and 0.950)")
-    header = f"{'output':<10} {'scale before':>12} {'68% before':>10} {'95% before':>10} {'scale now':>10} {'68% now':>8} {'95% now':>8}"
+    _plot(task, bundle, hists, threshold, args.out.with_name(f"ood_{task}.png"))
+    report(f"\ncoverage on the {args.n} in-distribution held-out mocks (nominal 0.683 and 0.950): raw = the network's "
+           "sigma (scale 1); before = the scale the bundle had from training; now = after `survey-infer trust`")
+    header = (f"{'output':<10} {'raw 68%':>7} {'raw 95%':>7} {'scale before':>12} {'68% before':>10} {'95% before':>10} "
+              f"{'scale now':>10} {'68% now':>8} {'95% now':>8}")  # fmt: skip
     report(f"{header}\n{'-' * len(header)}")
     recal = section.get("recalibration", {}).get("outputs", {})
     for t in targets:
@@ -271,9 +277,32 @@ def bench_task(task: str, bundle: Bundle, args, report: Report) -> None:
         err = out_in[f"{t}_err"].astype(np.float64)
         now = float(bundle.output_spec.get(f"{t}_err", {}).get("scale", 1.0))
         before = float(recal.get(t, {}).get("previous_scale", now))
-        old = err * before / now
-        report(f"{t:<10} {before:12.4f} {coverage(residual, old, Z_68):10.3f} {coverage(residual, old, Z_95):10.3f} "
+        old, raw = err * before / now, err / now
+        report(f"{t:<10} {coverage(residual, raw, Z_68):7.3f} {coverage(residual, raw, Z_95):7.3f} {before:12.4f} {coverage(residual, old, Z_68):10.3f} {coverage(residual, old, Z_95):10.3f} "
                f"{now:10.4f} {coverage(residual, err, Z_68):8.3f} {coverage(residual, err, Z_95):8.3f}")  # fmt: skip
+
+
+def _plot(task: str, bundle: Bundle, hists: list[tuple[str, np.ndarray]], threshold: float, path: Path) -> None:
+    """Histograms of log10 ood_score: in-distribution and every shift, with the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    bins = np.linspace(np.log10(min(h.min() for _, h in hists if len(h))), np.log10(max(h.max() for _, h in hists if len(h))), 60)
+    for label, values in hists:
+        ax.hist(np.log10(values), bins=bins, density=True, histtype="step", lw=2.5 if label == "in-distribution" else 1.2,
+                label=f"{label} (n={len(values)})")  # fmt: skip
+    ax.axvline(np.log10(threshold), color="k", ls="--", label="threshold (0.99 quantile)")
+    ax.set_xlabel("log10 ood_score")
+    ax.set_ylabel("density")
+    ax.set_title(f"{task}: {bundle.id}")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

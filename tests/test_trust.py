@@ -179,3 +179,12 @@ def test_fit_trust_writes_a_checked_description(tmp_path):
         meta["training"]["seeds"] = {"train": [970_000, 970_010]}
         write_json_atomic(bundle_dir / BUNDLE_JSON, meta)
         fit_trust(bundle_dir, n_fit=50, n_held_out=50, seeds={"fit": 970_001, "held_out": 970_002})
+
+
+def test_cli_has_the_trust_command_and_the_ood_threshold_option():
+    from survey_infer.cli import build_parser
+
+    args = build_parser().parse_args(["run", "mass_to_light", "--input", "a.zarr", "--output", "o", "--ood-threshold", "0.995"])
+    assert args.ood_threshold == 0.995
+    args = build_parser().parse_args(["trust", "b", "--n-fit", "10", "--transform", "none"])
+    assert (args.command, args.n_fit, args.transform) == ("trust", 10, "none")
