@@ -37,9 +37,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a different run in --output")
     parser.add_argument("--no-catalog", action="store_true", help="skip building the HATS catalog")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a task option, e.g. 'samples=200' (mass_profiles: posterior samples per galaxy); repeatable")
     parser.add_argument("--ood-threshold", type=float, metavar="Q",
                         help="flag rows ood above this quantile (0-1) of the bundle's held-out in-distribution "
                              "ood_score distribution (default: the bundle's threshold, its 0.99 quantile)")
+
 
 def _add_ingest_parser(sub: argparse._SubParsersAction) -> None:
     ingest = sub.add_parser("ingest", help="turn FITS images and catalogs into a survey store")
@@ -61,6 +64,28 @@ def _add_ingest_parser(sub: argparse._SubParsersAction) -> None:
                        help="resample bands on another pixel grid onto the first band's (default: refuse them)")
     tiles.add_argument("--overwrite", action="store_true")
 
+    kin = kinds.add_parser("kinematics", help="a star table (positions + line-of-sight velocities) -> a kinematics store",
+                           description="Reads FITS, ECSV, CSV or Parquet (astropy); one row per star. Galaxy-level "
+                                       "columns (ra, dec, distance, r_half) come from --galaxies, or from the star "
+                                       "table where they are constant per galaxy.")  # fmt: skip
+    kin.add_argument("table", type=Path, help="the star table")
+    kin.add_argument("--output", type=Path, required=True, help="the kinematics store to write (Zarr v3)")
+    kin.add_argument("--galaxies", type=Path, help="a galaxy table (same galaxy id column) with ra, dec, distance")
+    kin.add_argument("--galaxy-id-col", default="galaxy_id", help="integer galaxy id column (default galaxy_id)")
+    kin.add_argument("--x-col", default="x", help="projected x about the galaxy centre (default x)")
+    kin.add_argument("--y-col", default="y", help="projected y about the galaxy centre (default y)")
+    kin.add_argument("--v-col", default="v_los", help="line-of-sight velocity, km/s (default v_los)")
+    kin.add_argument("--v-err-col", default="v_err", help="velocity error, km/s (default v_err)")
+    kin.add_argument("--position-unit", choices=["kpc", "arcsec"], default="kpc",
+                     help="unit of x, y (and r_half) when the table gives none (default kpc)")
+    kin.add_argument("--ra-col", default="ra", help="galaxy RA, deg (default ra)")
+    kin.add_argument("--dec-col", default="dec", help="galaxy Dec, deg (default dec)")
+    kin.add_argument("--distance-col", default="distance_mpc",
+                     help="galaxy distance, Mpc (default distance_mpc; needed for arcsec positions)")
+    kin.add_argument("--r-half-col", help="galaxy half-light radius column, kept in the store (optional)")
+    kin.add_argument("--galaxies-per-unit", type=int, default=256, help="galaxies per unit of work (default 256)")
+    kin.add_argument("--overwrite", action="store_true")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="survey-infer", description=__doc__.splitlines()[0])
@@ -74,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
 
     mock = sub.add_parser("mock", help="write a mock survey store with its truth")
-    mock.add_argument("kind", choices=["cutouts", "clusters"],
-                      help="cutouts: mock galaxies (SDSS); clusters: mock M31 star clusters (HST, star_clusters)")
+    mock.add_argument("kind", choices=["cutouts", "clusters", "kinematics"],
+                      help="cutouts: mock galaxies (SDSS); clusters: mock M31 star clusters (HST, star_clusters); "
+                           "kinematics: mock dwarf galaxies' stars (mass_profiles)")
     mock.add_argument("store", type=Path)
     mock.add_argument("--n", type=int, default=1000)
     mock.add_argument("--size", type=int, choices=[69, 128], default=69)
@@ -86,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--maps", action="store_true", help="also write resolved truth maps (STORE.truth_maps.zarr)")
     mock.add_argument("--rows-per-unit", type=int, default=4096, help="rows per store block (one unit of work)")
     mock.add_argument("--rows-per-batch", type=int, default=256, help="rows per inner chunk (one read)")
+    mock.add_argument("--grid", choices=["small", "full"], default="small",
+                      help="kinematics: the halo DF grid, small (24 DFs, ~1 min to build) or full (the training grid)")
+    mock.add_argument("--position-unit", choices=["kpc", "arcsec"], default="kpc", help="kinematics: unit of x, y")
     mock.add_argument("--overwrite", action="store_true")
 
     train = sub.add_parser("train", help="train a bundle on simulated data (needs the training code)")
@@ -153,6 +182,16 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(level if verbose else logging.ERROR)
 
 
+def _task_options(items: list[str]) -> dict[str, str]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RefusedError(f"--task-option {item!r} is not KEY=VALUE (e.g. samples=200)")
+        options[key.strip()] = value.strip()
+    return options
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from survey_infer.cluster import client_for
     from survey_infer.config import RunConfig
@@ -163,7 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         device=args.device, precision=args.precision, workers=args.workers, threads_per_worker=args.threads_per_worker, in_process=args.in_process,
         engine_threads=args.engine_threads, scheduler=args.scheduler, rows_per_unit=args.rows_per_unit,
         max_in_flight=args.max_in_flight, retries=args.retries, overwrite=args.overwrite,
-        build_catalog=not args.no_catalog, progress=not args.no_progress, ood_threshold=args.ood_threshold,
+        build_catalog=not args.no_catalog, progress=not args.no_progress, task_options=_task_options(args.task_option), ood_threshold=args.ood_threshold,
     )  # fmt: skip
     plan = plan_run(config)
     with client_for(config) as client:
@@ -194,6 +233,16 @@ def cmd_mock(args: argparse.Namespace) -> int:
     from training.mock import write_mock_clusters, write_mock_cutouts
 
     tick = time.time()
+    if args.kind == "kinematics":
+        from training.mock_kinematics import write_mock_kinematics
+
+        try:
+            store = write_mock_kinematics(args.store, args.n, seed=args.seed, grid=args.grid,
+                                          position_unit=args.position_unit, overwrite=args.overwrite)  # fmt: skip
+        except ValueError as exc:
+            raise RefusedError(f"mock kinematics: {exc}") from exc
+        print(f"wrote {args.n} mock galaxies to {store} (truth: {store}.truth.parquet) in {time.time() - tick:.1f} s")
+        return 0
     if args.kind == "clusters":
         bands = tuple(args.bands.split(",")) if args.bands else None
         rows_per_unit = args.rows_per_unit if args.rows_per_unit != 4096 else 1024
@@ -215,6 +264,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from survey_infer.tiles import ingest_tiles, parse_images_spec
 
     tick = time.time()
+    if args.kind == "kinematics":
+        from survey_infer.kinematics import ingest_kinematics
+
+        summary = ingest_kinematics(
+            args.table, args.output, galaxy_id_col=args.galaxy_id_col, x_col=args.x_col, y_col=args.y_col,
+            v_col=args.v_col, v_err_col=args.v_err_col, position_unit=args.position_unit, galaxies_path=args.galaxies,
+            ra_col=args.ra_col, dec_col=args.dec_col, distance_col=args.distance_col, r_half_col=args.r_half_col,
+            galaxies_per_unit=args.galaxies_per_unit, overwrite=args.overwrite,
+        )  # fmt: skip
+        print(f"wrote {summary['store']} in {time.time() - tick:.1f} s: {summary['galaxies']} galaxies, "
+              f"{summary['stars']} stars (positions in {summary['position_unit']})")  # fmt: skip
+        return 0
     summary = ingest_tiles(args.store, [parse_images_spec(spec) for spec in args.images], args.sources,
                            ra_col=args.ra_col, dec_col=args.dec_col, id_col=args.id_col, size_col=args.size_col,
                            size_unit=args.size_unit, keep=tuple(args.keep), reproject=args.reproject,

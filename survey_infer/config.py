@@ -46,6 +46,7 @@ class RunConfig:
     overwrite: bool = False
     build_catalog: bool = True
     progress: bool = True
+    task_options: dict[str, str] | None = None  # the task's own options (Task.with_options), e.g. samples
     ood_threshold: float | None = None
 
     def __post_init__(self) -> None:

@@ -16,8 +16,9 @@ FLAG_BITS: dict[str, int] = {
     "no_size": 256,  # no half-light radius given or measurable: the cutout cannot be framed like the training data
     # ood_score above the run's threshold: unlike the training mocks, so the estimate (kept) may be unreliable
     "ood": 512,
+    "few_stars": 1024,  # kinematics: too few stars with usable velocities for an estimate
 }
-NO_ESTIMATE = FLAG_BITS["nan_pixels"] | FLAG_BITS["empty_cutout"] | FLAG_BITS["off_tile"] | FLAG_BITS["missing_band"] | FLAG_BITS["no_size"]
+NO_ESTIMATE = FLAG_BITS["nan_pixels"] | FLAG_BITS["empty_cutout"] | FLAG_BITS["off_tile"] | FLAG_BITS["missing_band"] | FLAG_BITS["no_size"] | FLAG_BITS["few_stars"]
 
 
 def flag_reasons(flags: np.ndarray) -> list[str]:

@@ -124,3 +124,68 @@ class ClusterResNet(nn.Module):
         mean = self.target_mean + self.target_std * out[:, : self.n_targets]
         log_var = out[:, self.n_targets :].clamp(-14.0, 6.0) + 2 * torch.log(self.target_std)
         return (mean, log_var, hidden) if self.emit_features else (mean, log_var)
+
+
+def _histogram_branch(width: int, bins: int) -> nn.Sequential:
+    """Conv 3x3 (w) -> pool -> conv (2w) -> pool -> conv (4w) -> pool -> flatten: (1, B, B) -> 4w (B/8)^2."""
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(1, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+    )  # fmt: skip
+
+
+@register("mass_profile_cnn")
+class MassProfileNet(nn.Module):
+    """Two-branch CNN on a galaxy's spatial and dynamical 2-D histograms + a conditional flow (mass_profiles).
+
+    Each branch: three conv-ReLU-maxpool stages on its (1, B, B) histogram. The two flattened branches and the
+    scalars (except the first, log10 of the mass scale M_s) are merged by Linear(hidden)-ReLU-Linear(32)-SiLU
+    into the 32-number penultimate layer (``features``), then Linear(32, 10) gives the standardised log masses
+    log10 M(< f R_h) - log10 M_s; the network adds back M_s, so ``forward`` returns physical log masses
+    (``log_mass``, (N, 10)) and the ``features`` (N, 32): that is the part the engines run.
+
+    ``flow`` (zuko MAF, ``flow_transforms`` affine MADE transforms, conditioned on the 32 features) models the
+    residual (log M - log_mass) / ``residual_std``; :meth:`sample_posterior` draws the joint posterior. It runs
+    in torch (see ``survey_infer.tasks.mass_profiles``).
+    """
+
+    emit_features = True  # always: the flow is conditioned on them
+
+    def __init__(self, bins: int = 32, width: int = 16, hidden: int = 128, n_features: int = 32,
+                 n_scalars: int = 5, n_radii: int = 10, target_mean: tuple[float, ...] | None = None,
+                 target_std: tuple[float, ...] | None = None, residual_std: tuple[float, ...] | None = None,
+                 flow_transforms: int = 4, flow_hidden: tuple[int, ...] = (64, 64)):  # fmt: skip
+        super().__init__()
+        import zuko
+
+        self.spatial = _histogram_branch(width, bins)
+        self.dynamical = _histogram_branch(width, bins)
+        flat = 4 * width * (bins // 8) ** 2
+        self.merge = nn.Sequential(nn.Linear(2 * flat + n_scalars - 1, hidden), nn.ReLU(),
+                                   nn.Linear(hidden, n_features), nn.SiLU())  # fmt: skip
+        self.head = nn.Linear(n_features, n_radii)
+        for name, values in (("target_mean", target_mean or [0.0] * n_radii), ("target_std", target_std or [1.0] * n_radii),
+                             ("residual_std", residual_std or [1.0] * n_radii)):  # fmt: skip
+            if len(values) != n_radii:
+                raise ValueError(f"{name} needs {n_radii} values, got {len(values)}")
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32), persistent=False)
+        self.flow = zuko.flows.MAF(features=n_radii, context=n_features, transforms=flow_transforms,
+                                   hidden_features=tuple(flow_hidden))  # fmt: skip
+
+    def forward(self, spatial: torch.Tensor, dynamical: torch.Tensor, scalars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        merged = torch.cat([self.spatial(spatial), self.dynamical(dynamical), scalars[:, 1:]], dim=1)
+        features = self.merge(merged)
+        log_mass = scalars[:, :1] + self.target_mean + self.target_std * self.head(features)
+        return log_mass, features
+
+    def residual_log_prob(self, features: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """log p(residual / residual_std | features) of standardised residuals (training objective)."""
+        return self.flow(features).log_prob(residual / self.residual_std)
+
+    def sample_posterior(self, features: torch.Tensor, log_mass: torch.Tensor, n_samples: int) -> torch.Tensor:
+        """(N, n_samples, 10) samples of log10 M(< f R_h) given the CNN's features and point estimate."""
+        z = self.flow(features).sample((n_samples,))  # (S, N, 10)
+        return (log_mass.unsqueeze(0) + self.residual_std * z).transpose(0, 1)

@@ -48,6 +48,17 @@ def catalog_schema(task_columns: list[OutputColumn], bundle_id: str, task: str, 
     return pa.schema(fields, metadata={"survey_infer": json.dumps({"task": task, "bundle": bundle_id, "units": units})})
 
 
+def arrow_column(values, arrow_type: pa.DataType):
+    """A column for ``pa.Table.from_pydict``: a numpy array with more than one axis becomes nested lists
+    (``(N, S, K)`` -> list of S fixed-size lists of K), matching a task's list column type."""
+    if not isinstance(values, np.ndarray) or values.ndim < 2:
+        return values
+    flat = pa.array(values.reshape(-1))
+    for size in reversed(values.shape[1:]):
+        flat = pa.FixedSizeListArray.from_arrays(flat, size)
+    return flat.cast(arrow_type) if flat.type != arrow_type else flat
+
+
 def write_part_atomic(out_dir: Path, unit_index: int, table: pa.Table) -> Path:
     """Write a unit's Parquet part to a temp file and rename it into place (never a half-written part)."""
     final = paths.part_path(out_dir, unit_index)

@@ -35,6 +35,7 @@ from survey_infer.outputs import (
 )
 from survey_infer.store import CutoutStoreInfo, check_positions, open_cutouts, store_kind
 from survey_infer.tasks import Task, get_task
+from survey_infer.kinematics import KinematicsStoreInfo, open_kinematics
 from survey_infer.tiles import TilesStoreInfo, cutting_summary, open_tiles
 from survey_infer.trust import resolve_threshold
 from survey_infer.worker import PLUGIN_NAME, EngineKey, EnginePlugin, UnitSpec, process_unit
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED = 0, 1
 TILE_ROWS_PER_READ = 256  # sources cut per batch from a tile
-InputStore = CutoutStoreInfo | TilesStoreInfo
+InputStore = CutoutStoreInfo | TilesStoreInfo | KinematicsStoreInfo
 
 
 @dataclass
@@ -95,6 +96,8 @@ def open_input(config: RunConfig, task: Task) -> InputStore:
         if config.rows_per_unit:
             raise RefusedError("--rows-per-unit does not apply to a tiles store: one unit is one tile")
         return open_tiles(config.input)
+    if kind == "kinematics":  # rows are galaxies; a unit is a block of them (--rows-per-unit galaxies)
+        return open_kinematics(config.input)
     raise StoreError(f"task {task.name} needs a {kind!r} store, which this version cannot read")
 
 
@@ -109,7 +112,7 @@ def _units(config: RunConfig, info: InputStore) -> tuple[tuple[tuple[int, int], 
 
 def plan_run(config: RunConfig) -> RunPlan:
     """Check everything that can refuse the job and decide which units are left; writes nothing."""
-    task = get_task(config.task)
+    task = get_task(config.task).with_options(config.task_options)
     bundle = load_bundle(config.bundle or default_bundle_path(task.name), task=task.name)
     info = open_input(config, task)
     cut = task.check_store(info, bundle)
@@ -118,6 +121,8 @@ def plan_run(config: RunConfig) -> RunPlan:
     identity = {"input": info.fingerprint(), "bundle": bundle.sha256()}
     if config.ood_threshold is not None:  # parts flagged at another threshold must not be mixed in by a resume
         identity["ood_threshold"] = repr(config.ood_threshold)
+    if config.task_options:  # parts written with other options must not be mixed in by a resume
+        identity["task_options"] = repr(sorted(config.task_options.items()))
     resume = check_output_dir(config.output, identity, config.overwrite)
     engine_key = EngineKey(str(bundle.path.resolve()), config.engine, config.resolved_engine_threads(), config.device,
                            config.precision)  # fmt: skip
@@ -126,6 +131,8 @@ def plan_run(config: RunConfig) -> RunPlan:
         columns_path=str(info.columns_path.resolve()), out_dir=str(config.output.resolve()), engine_key=engine_key,
         unit_bounds=unit_bounds, rows_per_read=rows_per_read, columns=tuple(task.input_columns(bundle)),
         available_columns=tuple(info.columns), unit_tiles=getattr(info, "unit_tiles", ()), cut=cut,
+        id_column=getattr(info, "id_column", "object_id"),
+        task_options=tuple(sorted((config.task_options or {}).items())),
         ood_threshold=trust.get("threshold"),
     )  # fmt: skip
     plan = RunPlan(config, bundle, info, spec, identity, resume, len(unit_bounds), trust=trust)

@@ -23,8 +23,9 @@ from survey_infer.bundle import Bundle, load_bundle
 from survey_infer.config import available_cores
 from survey_infer.engines import Engine, make_engine
 from survey_infer.flags import FLAG_BITS, NO_ESTIMATE, flag_reasons
-from survey_infer.outputs import catalog_schema, write_done_marker, write_part_atomic
+from survey_infer.outputs import arrow_column, catalog_schema, write_done_marker, write_part_atomic
 from survey_infer.store import iter_image_batches, read_columns
+from survey_infer.kinematics import iter_star_batches
 from survey_infer.tiles import CutSpec, iter_tile_batches
 from survey_infer.tasks import get_task
 from survey_infer.trust import SCORE_COLUMN, bundle_trust, score_rows
@@ -98,6 +99,8 @@ class UnitSpec:
     available_columns: tuple[str, ...]
     unit_tiles: tuple[int, ...] = ()
     cut: CutSpec | None = None
+    id_column: str = "object_id"  # the store's row id column, written as the catalog's object_id
+    task_options: tuple[tuple[str, str], ...] = ()  # Task.with_options
     ood_threshold: float | None = None  # the run's ood_score threshold (None: the bundle's own)
 
     def rows(self, unit_index: int) -> tuple[int, int]:
@@ -110,6 +113,9 @@ def unit_batches(spec: UnitSpec, unit_index: int, stats: dict[str, Any]) -> Iter
     store = Path(spec.store)
     if spec.store_kind == "tiles":
         yield from iter_tile_batches(store, spec.unit_tiles[unit_index], start, stop, spec.cut, spec.rows_per_read, stats)
+        return
+    if spec.store_kind == "kinematics":  # ragged stars per galaxy (survey_infer.kinematics.StarBatch)
+        yield from iter_star_batches(store, start, stop, spec.rows_per_read)
         return
     for offset, images in iter_image_batches(store, start, stop, spec.rows_per_read):
         yield offset, images, np.zeros(len(images), np.int32)
@@ -157,12 +163,13 @@ def prefetched(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
 def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
     """Process one unit end to end; return its summary (rows, flags, engine, timings)."""
     started = time.perf_counter()
-    task = get_task(spec.task)
+    task = get_task(spec.task).with_options(dict(spec.task_options))
     bundle, engine = loaded_engine(spec.engine_key)
     trust = bundle_trust(bundle)
     start, stop = spec.rows(unit_index)
-    wanted = ["object_id", "ra", "dec"] + [c for c in spec.columns if c in spec.available_columns]
+    wanted = [spec.id_column, "ra", "dec"] + [c for c in spec.columns if c in spec.available_columns]
     columns = read_columns(Path(spec.columns_path), start, stop, wanted)
+    columns["object_id"] = columns.pop(spec.id_column)
     for name in spec.columns:
         columns.setdefault(name, np.full(stop - start, np.nan))
 
@@ -184,7 +191,7 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
     schema = catalog_schema(task.output_columns(bundle), bundle.id, task.name, ood_score=True)
     data = {"object_id": columns["object_id"], "ra": columns["ra"], "dec": columns["dec"], **merged,
             "flag_reason": flag_reasons(merged["flag"]), "bundle_id": [bundle.id] * (stop - start)}  # fmt: skip
-    table = pa.Table.from_pydict({f.name: data[f.name] for f in schema}, schema=schema)
+    table = pa.Table.from_pydict({f.name: arrow_column(data[f.name], f.type) for f in schema}, schema=schema)
     write_part_atomic(Path(spec.out_dir), unit_index, table)
     summary = {
         "unit": unit_index,

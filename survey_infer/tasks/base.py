@@ -24,11 +24,11 @@ class OutputColumn:
     dtype: str
     unit: str
     description: str
+    arrow_type: pa.DataType | None = None  # a list column's type (dtype is then its values' dtype)
 
     def field(self) -> pa.Field:
-        return pa.field(
-            self.name, pa.from_numpy_dtype(np.dtype(self.dtype)), metadata={"unit": self.unit, "description": self.description}
-        )
+        kind = self.arrow_type if self.arrow_type is not None else pa.from_numpy_dtype(np.dtype(self.dtype))
+        return pa.field(self.name, kind, metadata={"unit": self.unit, "description": self.description})
 
 
 class Task:
@@ -39,6 +39,25 @@ class Task:
 
     def output_columns(self, bundle: Bundle) -> list[OutputColumn]:
         raise NotImplementedError
+
+    options: ClassVar[dict[str, str]] = {}
+    option_names: ClassVar[tuple[str, ...]] = ()  # the options a task accepts (``--task-option KEY=VALUE``)
+
+    def with_options(self, options: dict[str, str] | None) -> Task:
+        """This task configured with run options; unknown ones are refused (exit 2) before any work."""
+        if not options:
+            return self
+        unknown = sorted(set(options) - set(self.option_names))
+        if unknown:
+            from survey_infer.errors import RefusedError
+
+            accepted = ", ".join(self.option_names) or "none"
+            raise RefusedError(f"task {self.name} has no option {', '.join(unknown)} (it accepts: {accepted})")
+        import copy
+
+        configured = copy.copy(self)
+        configured.options = dict(options)
+        return configured
 
 
 class CutoutTask(Task):
