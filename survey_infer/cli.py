@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--maps", action="store_true", help="also write resolved truth maps (STORE.truth_maps.zarr)")
     mock.add_argument("--rows-per-unit", type=int, default=4096, help="rows per store block (one unit of work)")
     mock.add_argument("--rows-per-batch", type=int, default=256, help="rows per inner chunk (one read)")
-    mock.add_argument("--grid", choices=["small", "full"], default="small",
-                      help="kinematics: the halo DF grid, small (24 DFs, ~1 min to build) or full (the training grid)")
+    mock.add_argument("--grid", choices=["tiny", "small", "full"], default="small",
+                      help="kinematics: the halo DF grid, tiny (8 DFs), small (24 DFs, ~1 min to build) or full "
+                           "(the training grid, 104 DFs)")
     mock.add_argument("--position-unit", choices=["kpc", "arcsec"], default="kpc", help="kinematics: unit of x, y")
     mock.add_argument("--overwrite", action="store_true")
 

@@ -112,7 +112,9 @@ def _units(config: RunConfig, info: InputStore) -> tuple[tuple[tuple[int, int], 
 
 def plan_run(config: RunConfig) -> RunPlan:
     """Check everything that can refuse the job and decide which units are left; writes nothing."""
-    task = get_task(config.task).with_options(config.task_options)
+    task = get_task(config.task)
+    if config.task_options:
+        task = task.with_options(config.task_options)
     bundle = load_bundle(config.bundle or default_bundle_path(task.name), task=task.name)
     info = open_input(config, task)
     cut = task.check_store(info, bundle)

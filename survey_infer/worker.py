@@ -163,7 +163,9 @@ def prefetched(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
 def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
     """Process one unit end to end; return its summary (rows, flags, engine, timings)."""
     started = time.perf_counter()
-    task = get_task(spec.task).with_options(dict(spec.task_options))
+    task = get_task(spec.task)
+    if spec.task_options:
+        task = task.with_options(dict(spec.task_options))
     bundle, engine = loaded_engine(spec.engine_key)
     trust = bundle_trust(bundle)
     start, stop = spec.rows(unit_index)

@@ -123,20 +123,26 @@ def write_mock_clusters(
 
 
 # The mock store each task's demo runs on (the demo asks by task id; a task absent here gets galaxy cutouts).
-DEMO_MOCKS = {"mass_to_light": "cutouts", "star_clusters": "clusters"}
+DEMO_MOCKS = {"mass_to_light": "cutouts", "star_clusters": "clusters", "mass_profiles": "kinematics"}
 
 
 def write_demo_mock(task: str, directory: Path, n: int, *, seed: int, rows_per_unit: int) -> Path:
     """Write the mock store that ``task`` runs on in the demo, ``directory/mock_<kind>.zarr`` (replaced)."""
     kind = DEMO_MOCKS.get(task, "cutouts")
     store = Path(directory) / f"mock_{kind}.zarr"
+    if kind == "kinematics":  # the tiny DF grid (8 DFs, ~10-20 s to build)
+        from training.mock_kinematics import write_mock_kinematics
+
+        return write_mock_kinematics(store, n, seed=seed, grid="tiny", galaxies_per_unit=min(rows_per_unit, 256),
+                                     overwrite=True)  # fmt: skip
     if kind == "clusters":
         return write_mock_clusters(store, n, seed=seed, rows_per_unit=rows_per_unit,
                                    rows_per_batch=min(256, rows_per_unit), overwrite=True)
     return write_mock_cutouts(store, n, seed=seed, rows_per_unit=rows_per_unit, rows_per_batch=256, overwrite=True)
 
-# Rows mocked per task in the demo at most (cluster mocks are built star by star: ~100 per second per core).
-DEMO_MAX_ROWS = {"star_clusters": 1000}
+# Rows mocked per task in the demo at most (cluster mocks are built star by star: ~100 per second per core;
+# mass_profiles: galaxies; their DFs take ~10-20 s to build).
+DEMO_MAX_ROWS = {"star_clusters": 1000, "mass_profiles": 300}
 
 
 def demo_mock_size(task: str, n: int) -> int:
@@ -149,4 +155,8 @@ def demo_summary(task: str, out_dir: Path, store: Path) -> str | None:
         from training.cluster_report import demo_summary as clusters_summary
 
         return clusters_summary(out_dir, store)
+    if task == "mass_profiles":
+        from training.mock_kinematics import demo_summary as kinematics_summary
+
+        return kinematics_summary(out_dir, store)
     return None
