@@ -362,3 +362,34 @@ def test_mock_kinematics_cli_writes_store_and_truth(tmp_path):
     assert info.n_rows == 30 and len(truth) == 30
     assert set(truth["family"]) <= set(sim.FAMILIES) and truth["n_stars"].sum() == info.n_stars
     assert np.all(np.diff(truth[[radius_name(f) for f in RADII_F]].to_numpy(), axis=1) > 0)  # M(<r) grows with r
+
+
+def test_ingest_with_a_galaxies_table_keeps_galaxies_without_stars(tmp_path):
+    """Galaxy-level columns from --galaxies (arcsec positions need its distances); a listed galaxy with no stars
+    is kept with star_count 0 (a run flags it few_stars)."""
+    from astropy import units as u
+    from astropy.table import Table
+
+    stars, galaxies = _toy_columns(np.random.default_rng(5), n_gal=3)
+    Table({"gid": stars["galaxy_id"], "xi": stars["x"] * u.arcmin, "eta": stars["y"] * u.arcmin,
+           "v": stars["v_los"], "ev": stars["v_err"]}).write(tmp_path / "stars.fits")  # fmt: skip
+    extra = np.append(galaxies["galaxy_id"], 999)
+    Table({"gid": extra, "RA": np.append(galaxies["ra"], 1.0), "DEC": np.append(galaxies["dec"], 2.0),
+           "D": np.append(galaxies["distance_mpc"], 0.1)}).write(tmp_path / "galaxies.parquet")  # fmt: skip
+    out = tmp_path / "k.zarr"
+    assert main(["ingest", "kinematics", str(tmp_path / "stars.fits"), "--output", str(out), "--galaxies",
+                 str(tmp_path / "galaxies.parquet"), "--galaxy-id-col", "gid", "--x-col", "xi", "--y-col", "eta",
+                 "--v-col", "v", "--v-err-col", "ev", "--position-unit", "arcsec", "--ra-col", "RA", "--dec-col", "DEC",
+                 "--distance-col", "D"]) == 0  # fmt: skip
+    info = open_kinematics(out)
+    group = zarr.open_group(str(out), mode="r")
+    assert info.n_rows == 4 and info.position_unit == "arcsec"
+    assert group["galaxies/star_count"][:].tolist()[-1] == 0
+    np.testing.assert_allclose(np.sort(group["stars/x"][:]), np.sort(stars["x"] * 60.0))  # arcmin -> arcsec
+    np.testing.assert_allclose(group["galaxies/distance_mpc"][:3], galaxies["distance_mpc"][np.argsort(galaxies["galaxy_id"])])
+    code = main(["run", "mass_profiles", "--input", str(out), "--output", str(tmp_path / "run"), "--in-process",
+                 "--no-progress", "--no-catalog", "--engine", "onnxruntime"])  # fmt: skip
+    assert code == 0
+    table = pq.read_table(tmp_path / "run" / "parts").to_pandas().sort_values("object_id")
+    assert table["object_id"].tolist() == sorted(extra.tolist())
+    assert table["flag_reason"].iloc[-1] == "few_stars" and table["n_stars"].iloc[-1] == 0
