@@ -1,6 +1,7 @@
 """Does the trust score work? AUROC of ood_score per shift, error vs score, and the coverage of the errors.
 
-    python bench/ood.py [--task mass_to_light,star_clusters] [--n 2000] [--n-shift 500] [--engine onnxruntime]
+    python bench/ood.py [--task mass_to_light,star_clusters,mass_profiles] [--n 2000] [--n-shift 500]
+                        [--engine onnxruntime] [--append] [--samples 500] [--kinematics-grid-cache PICKLE]
 
 For each task's default shipped bundle (or ``--bundle``), through the run's path (task.prepare -> engine.run ->
 task.postprocess, the bundle's trust description as a unit applies it):
@@ -19,8 +20,15 @@ task.postprocess, the bundle's trust description as a unit applies it):
 - coverage of the +-1 err (68.27%) and +-1.96 err (95%) intervals on the in-distribution mocks, with the
   bundle's recalibrated scale and with the scale it had before (``trust.recalibration.previous_scale``).
 
-Writes bench/results/ood.txt (the printed tables; --out to change), ood_<task>.png beside it (histograms of
-the score per shift), and prints the exact command.
+mass_profiles (kinematics; ``bench_mass_profiles``): in-distribution = ``--n`` galaxies of the bundle's training DF
+grid at its reserved test seed (``training.train_mass_profiles.EVAL_SEEDS['test']``; the trust fit used 932001-2);
+shifts (seeds 942000+): velocities of pure noise (uniform; or the measurement errors alone), noise positions and velocities, rotating discs, a hotter and a
+colder tracer, far fewer stars, a larger tracer (the inputs are scale-free: a control), velocity errors x5, and a
+Hernquist tracer (DFs outside the training grid); error vs score as M_pred/M_true of the posterior median; the
+per-radius coverage of the posterior's 68% and 95% intervals (``--samples`` flow samples) and TARP.
+
+Writes bench/results/ood.txt (the printed tables; --out to change, --append to add to it), ood_<task>.png beside it
+(histograms of the score per shift), and prints the exact command.
 """
 
 from __future__ import annotations
@@ -193,9 +201,239 @@ SHIFTS = {"mass_to_light": mass_to_light_shifts, "star_clusters": star_clusters_
 
 
 # ----------------------------------------------------------------------------------------- the bench
-def _scores(bundle, engine, sample: dict) -> tuple[np.ndarray, dict]:
+# ----------------------------------------------------------------------------------------- mass_profiles shifts
+KIN_SHIFT_SEED = 942_000  # + k per shift (mass_profiles): not a training (5_000-5_300_000), evaluation or trust seed
+
+
+def _kinematics_grid(bundle: Bundle, cache: Path | None) -> list:
+    """The bundle's training DF grid (~4 min on one core), or a pickle of it written by an earlier run (cloudpickle:
+    galpy's DFs hold lambdas; ~3 MB a DF)."""
+    import cloudpickle as pickle
+
+    from training.trust import mass_profiles_halos
+
+    if cache is not None and cache.exists():
+        return pickle.loads(cache.read_bytes())
+    halos = mass_profiles_halos(bundle)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_bytes(pickle.dumps(halos))
+    return halos
+
+
+def _with_prior(seed: int, halos: list, n: int, **ranges) -> list:
+    """Galaxies from the training grid with some of the simulator's prior ranges replaced (truth kept)."""
+    from training.sim import kinematics as sim
+
+    saved = {k: getattr(sim, k) for k in ranges}
+    try:
+        for k, v in ranges.items():
+            setattr(sim, k, v)
+        return sim.simulate_split(halos, n, seed, 1, 0)
+    finally:
+        for k, v in saved.items():
+            setattr(sim, k, v)
+
+
+def _other_tracer_halos(seed: int) -> list:
+    """DFs outside the training grid: a Hernquist (cuspy) tracer instead of the Plummer one, isotropic and
+    Osipkov-Merritt r_a = 1 tracer scale, in NFW and Burkert haloes (b_ratio = the measured median projected
+    radius, in halo scale radii, so the simulator's rescaling by R_h holds)."""
+    import warnings
+
+    import galpy.potential as gp
+    from galpy.df import osipkovmerrittdf
+
+    from training.sim import kinematics as sim
+
+    halos = []
+    for k, (family, a_tracer, ra) in enumerate([("nfw", 0.15, np.inf), ("nfw", 0.3, 1.0), ("burkert", 0.3, np.inf),
+                                               ("burkert", 0.6, 1.0)]):  # fmt: skip
+        pot = sim.halo_potential(family)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            df = osipkovmerrittdf(pot=pot, denspot=gp.HernquistPotential(amp=1.0, a=a_tracer),
+                                  ra=ra * a_tracer if np.isfinite(ra) else 1e8, rmax=sim.RMAX)  # fmt: skip
+            halo = sim.Halo(family, 0.0, 1.0, float(ra), df, pot)
+            np.random.seed(seed + k)
+            pos, v = sim.sample_stars(halo, sim.DF_CALIBRATION_STARS)
+            halo.sigma_los = float(np.std(v[:, 2]))
+            halo.b_ratio = float(np.median(np.hypot(pos[:, 0], pos[:, 1])))
+            halo.log_mass_table = np.log10([float(pot.mass(10.0**lr)) for lr in sim._LOG_R_TABLE])
+        halos.append(halo)
+    return halos
+
+
+def _rotating_discs(n: int, rng: np.random.Generator) -> list:
+    """Inclined rotating exponential discs: v_los = V(R) sin(phi) sin(i) + a small dispersion, no truth."""
+    from training.sim.kinematics import Projection
+
+    out = []
+    for _ in range(n):
+        m = int(np.exp(rng.uniform(np.log(20), np.log(2000))))
+        h = np.exp(rng.uniform(np.log(0.06), np.log(0.6)))  # kpc
+        radius = rng.gamma(2.0, h, m)  # exponential surface density
+        phi = rng.uniform(0, 2 * np.pi, m)
+        inc = np.arccos(rng.uniform(0.1, 0.8))  # 37-84 deg
+        v_max = rng.uniform(10.0, 40.0)
+        v_circ = v_max * radius / np.hypot(radius, h)
+        err = np.clip(rng.uniform(1, 5) * np.exp(rng.normal(0, 0.3, m)), 0.3, 15.0)
+        v = v_circ * np.sin(phi) * np.sin(inc) + rng.normal(0, 0.15 * v_max, m) + rng.normal(0, err)
+        x, y = radius * np.cos(phi), radius * np.sin(phi) * np.cos(inc)
+        out.append(Projection(x, y, v + rng.uniform(-300, 300), err, {}))
+    return out
+
+
+def mass_profiles_shifts(bundle: Bundle, n: int, halos: list) -> list[tuple[str, dict]]:
+    """(label, sample) per shift; the sample holds a StarBatch as "images", object_id, and truth when it has one."""
+    from training.trust import galaxies_sample
+
+    def sample(projections, truth=True) -> dict:
+        s = galaxies_sample(projections)
+        return {"images": s.images, "columns": s.columns, **({"truth": s.truth} if truth else {})}
+
+    seed = iter(range(KIN_SHIFT_SEED, KIN_SHIFT_SEED + 100))
+    rng = np.random.default_rng(next(seed))
+    shifts = []
+    base = _with_prior(next(seed), halos, n)
+    for p in base:  # the same stars (positions), velocities replaced by uniform noise over +-sqrt(3) x 5-20 km/s
+        half = np.sqrt(3) * rng.uniform(5.0, 20.0)
+        p.v_los = rng.uniform(-half, half, len(p.x)) + rng.normal(0, p.v_err) + p.truth["v_sys_kms"]
+    shifts.append(("noise: uniform velocities, no dynamics (Plummer positions)", sample(base, truth=False)))
+    quiet = _with_prior(next(seed), halos, n)
+    for p in quiet:  # the velocities are the measurement noise alone: no intrinsic dispersion
+        p.v_los = rng.normal(0, p.v_err) + p.truth["v_sys_kms"]
+    shifts.append(("noise: velocities = measurement errors only (Plummer positions)", sample(quiet, truth=False)))
+    noise = _with_prior(next(seed), halos, n)
+    for p in noise:  # positions uniform in a disc too: nothing of a galaxy left
+        r = p.truth["r_half_kpc"] * 2.0 * np.sqrt(rng.uniform(0, 1, len(p.x)))
+        phi = rng.uniform(0, 2 * np.pi, len(p.x))
+        p.x, p.y = r * np.cos(phi), r * np.sin(phi)
+        p.v_los = rng.normal(0, rng.uniform(5.0, 20.0), len(p.x)) + rng.normal(0, p.v_err) + p.truth["v_sys_kms"]
+    shifts.append(("noise: uniform-disc positions, Gaussian velocities", sample(noise, truth=False)))
+    shifts.append(("rotating disc (V_max 10-40 km/s, sigma 0.15 V_max)", sample(_rotating_discs(n, rng), truth=False)))
+    for label, ranges in [
+        ("hotter tracer: sigma 60-150 km/s (training 5-20)", {"SIGMA_KMS_RANGE": (60.0, 150.0)}),
+        ("colder tracer: sigma 1-2.5 km/s (training 5-20)", {"SIGMA_KMS_RANGE": (1.0, 2.5)}),
+        ("few stars: 6-15 (training 20-2000)", {"N_STARS_RANGE": (6, 15)}),
+        ("larger tracer: R_h 2-5 kpc (training 0.1-1)", {"R_HALF_KPC_RANGE": (2.0, 5.0)}),
+    ]:  # fmt: skip
+        shifts.append((f"subtle: {label}", sample(_with_prior(next(seed), halos, n, **ranges))))
+    errs = _with_prior(next(seed), halos, n)
+    for p in errs:  # 5x the velocity errors: 24 v_err^2 more noise, and v_err reported x5
+        p.v_los = p.v_los + rng.normal(0, np.sqrt(24.0) * p.v_err)
+        p.v_err = 5.0 * p.v_err
+    shifts.append(("subtle: velocity errors x5 (level 5-25 km/s; training 1-5)", sample(errs)))
+    other = _other_tracer_halos(next(seed))
+    shifts.append(("subtle: Hernquist tracer (training: Plummer), iso + OM r_a=a", sample(_with_prior(next(seed), other, n))))
+    return shifts
+
+
+def bench_mass_profiles(bundle: Bundle, args, report: Report) -> None:
+    """AUROC per shift, M_pred/M_true vs score, and the per-radius coverage of the posterior intervals."""
+    from survey_infer.tasks.mass_profiles import RADII_F, radius_name
+    from training.train_mass_profiles import EVAL_SEEDS
+    from training.trust import galaxies_sample, interval_coverage
+
+    if load_trust(bundle) is None:
+        report(f"{bundle.id}: no trust description (run `survey-infer trust {bundle.path}`); skipped")
+        return
+    from training.sim import kinematics as sim
+
+    section = bundle.meta[TRUST_KEY]
+    engine = make_engine(args.engine, bundle, threads=args.threads)
+    tick = time.time()
+    halos = _kinematics_grid(bundle, args.kinematics_grid_cache)
+    grid_s = time.time() - tick
+    seed = EVAL_SEEDS["test"]
+    sample = galaxies_sample(sim.simulate_split(halos, args.n, seed, 1, 0))
+    options = {"samples": str(args.samples)}
+    s_in, out_in = _scores(bundle, engine, {"images": sample.images, "columns": sample.columns}, options)
+    threshold = float(section["threshold"])
+    report(f"\n== mass_profiles: bundle {bundle.id}; in-distribution: {args.n} held-out galaxies of the training DF grid, "
+           f"seed {seed} (bench/accuracy_mass_profiles.py's test seed; {time.time() - tick:.0f} s, DF grid {grid_s:.0f} s); "
+           f"threshold {threshold:.4g} (quantile {section['threshold_quantile']} of the trust fit's "
+           f"{section['mocks']['held_out_rows']} held-out mocks, seeds {section['mocks']['seeds']}; features: the "
+           f"32-number layer the flow is conditioned on, transform {section['transform']!r})")  # fmt: skip
+    ok_in = np.isfinite(s_in)
+    report(f"in-distribution rows flagged ood: {np.mean(s_in[ok_in] > threshold):.3f} (nominal 0.010); score median "
+           f"{np.median(s_in[ok_in]):.2f}, 99th pct {np.quantile(s_in[ok_in], 0.99):.2f}")  # fmt: skip
+
+    header = f"{'shift':<66} {'n':>5} {'AUROC':>6} {'flagged':>8} {'median score':>12}"
+    report(f"\n{header}\n{'-' * len(header)}")
+    names = [radius_name(f) for f in RADII_F]
+    binned = [(s_in, out_in, sample.truth)]
+    hists = [("in-distribution", s_in[ok_in])]
+    for label, shift in mass_profiles_shifts(bundle, args.n_shift, halos):
+        score, out = _scores(bundle, engine, shift, options)
+        ok = np.isfinite(score)
+        no_est = int((~ok).sum())
+        if not ok.any():
+            report(f"{label:<66} {len(score):5d} {'-':>6} {'-':>8} {'no estimate':>12}")
+            continue
+        y = np.r_[np.zeros(ok_in.sum()), np.ones(ok.sum())]
+        auroc = roc_auc_score(y, np.r_[s_in[ok_in], score[ok]])
+        note = f"  ({no_est} few_stars: no estimate)" if no_est else ""
+        report(f"{label:<66} {int(ok.sum()):5d} {auroc:6.3f} {np.mean(score[ok] > threshold):8.3f} {np.median(score[ok]):12.2f}{note}")
+        hists.append((label.removeprefix("subtle: ")[:48], score[ok]))
+        if "truth" in shift:
+            binned.append((score, out, shift["truth"]))
+
+    report("\nerror vs ood_score (in-distribution + shifted galaxies with truth): M_pred/M_true of the posterior median, "
+           "median [16-84%], and the 68% interval's coverage, at R_h and 1.8 R_h; bins of score")  # fmt: skip
+    scores = np.concatenate([b[0] for b in binned])
+    edges = [0.0, *np.quantile(s_in[ok_in], [0.5, 0.9, 0.99]), 1.5 * threshold, 2.5 * threshold, np.inf]
+    header = f"{'ood_score bin':<20} {'n':>6} {'M/M_true at R_h':>24} {'cov68':>6} {'M/M_true at 1.8 R_h':>24} {'cov68':>6}"
+    report(f"{header}\n{'-' * len(header)}")
+    cells = {}
+    for name in ("log_m_1p0", "log_m_1p8"):
+        pred = np.concatenate([b[1][name].astype(np.float64) for b in binned])
+        true = np.concatenate([np.asarray(b[2][name], np.float64) for b in binned])
+        lo = np.concatenate([b[1][f"{name}_p16"].astype(np.float64) for b in binned])
+        hi = np.concatenate([b[1][f"{name}_p84"].astype(np.float64) for b in binned])
+        cells[name] = (pred - true, (lo <= true) & (true <= hi))
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = np.isfinite(scores) & (scores >= lo) & (scores < hi)
+        row = f"[{lo:7.2f}, {hi:7.2f}) {int(sel.sum()):6d}"
+        for name in ("log_m_1p0", "log_m_1p8"):
+            d, inside = cells[name]
+            if sel.sum() >= 5:
+                p16, p50, p84 = 10 ** np.percentile(d[sel], [15.865, 50, 84.135])
+                row += f" {p50:9.3f} [{p16:5.2f}, {p84:5.2f}]    {np.mean(inside[sel]):6.2f}"
+            else:
+                row += f" {'-':>24} {'-':>6}"
+        report(row)
+    _plot("mass_profiles", bundle, hists, threshold, args.out.with_name("ood_mass_profiles.png"))
+
+    truth = np.stack([np.asarray(sample.truth[k], np.float64) for k in names], 1)
+    cov = interval_coverage(out_in["log_mass_samples"], truth)
+    report(f"\ncoverage of the posterior intervals on the {int(ok_in.sum())} in-distribution held-out galaxies ({args.samples} "
+           "flow samples each): central 68.27% (15.87-84.13 percentiles of the samples) and 95% (2.5-97.5); binomial "
+           f"std ~{np.sqrt(0.68 * 0.32 / ok_in.sum()):.3f} and ~{np.sqrt(0.05 * 0.95 / ok_in.sum()):.3f}; recalibrate if "
+           "outside +-0.05 of nominal")  # fmt: skip
+    header = f"{'radius':<10} {'68%':>6} {'95%':>6}"
+    report(f"{header}\n{'-' * len(header)}")
+    for i, k in enumerate(names):
+        report(f"{k:<10} {cov['68'][i]:6.3f} {cov['95'][i]:6.3f}")
+    worst = max(np.max(np.abs(cov["68"] - 0.682689)), np.max(np.abs(cov["95"] - 0.95)))
+    report(f"largest miss {worst:.3f}: " + ("every radius within +-0.05 of nominal, no recalibration applied" if worst <= 0.05
+                                           else "outside +-0.05: a recalibration is needed"))  # fmt: skip
+    try:
+        import tarp
+
+        ok = np.isfinite(out_in["log_mass_samples"]).all(axis=(1, 2))
+        ecp, alpha = tarp.get_tarp_coverage(np.transpose(out_in["log_mass_samples"][ok], (1, 0, 2)).astype(np.float64), truth[ok],
+                                            references="random", metric="euclidean", norm=True, seed=5)  # fmt: skip
+        band = 2 * np.sqrt(alpha * (1 - alpha) / ok.sum())
+        report(f"TARP (10-D joint, tarp package, these galaxies): max |ECP - alpha| = {np.max(np.abs(ecp - alpha)):.3f}; "
+               f"inside the binomial 2-sigma band at {np.mean(np.abs(ecp - alpha) <= band + 1e-12):.0%} of levels")  # fmt: skip
+    except ImportError:
+        report("TARP: the tarp package is not installed (bench/accuracy_mass_profiles.py reports it)")
+
+
+def _scores(bundle, engine, sample: dict, task_options: dict | None = None) -> tuple[np.ndarray, dict]:
     trust = load_trust(bundle)
-    out = run_rows(bundle, sample["images"], sample.get("columns", {}), engine_obj=engine)
+    out = run_rows(bundle, sample["images"], sample.get("columns", {}), engine_obj=engine, task_options=task_options)
     score = trust.score(out["features"])
     score[(out["flag"] & NO_ESTIMATE) != 0] = np.nan
     return score, out
@@ -307,13 +545,17 @@ def _plot(task: str, bundle: Bundle, hists: list[tuple[str, np.ndarray]], thresh
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="trust: ood_score AUROC per shift, error vs score, coverage")
-    parser.add_argument("--task", default="mass_to_light,star_clusters")
+    parser.add_argument("--task", default="mass_to_light,star_clusters,mass_profiles")
     parser.add_argument("--bundle", type=Path, action="append", help="bundle directory per task (default: shipped)")
     parser.add_argument("--n", type=int, default=2000, help="in-distribution held-out mocks")
     parser.add_argument("--n-shift", type=int, default=500, help="rows per shift")
     parser.add_argument("--engine", default="onnxruntime")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--append", action="store_true", help="append to --out instead of rewriting it (other tasks' tables kept)")
+    parser.add_argument("--samples", type=int, default=500, help="mass_profiles: flow samples per galaxy (default 500)")
+    parser.add_argument("--kinematics-grid-cache", type=Path,
+                        help="mass_profiles: pickle of the training DF grid (read if present, else built, ~4 min, and written)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = Report()
@@ -322,11 +564,15 @@ def main(argv: list[str] | None = None) -> int:
     tick = time.time()
     for task in args.task.split(","):
         bundle = bundles.get(task) or load_bundle(default_bundle_path(task), task=task)
-        bench_task(task, bundle, args, report)
+        if task == "mass_profiles":
+            bench_mass_profiles(bundle, args, report)
+        else:
+            bench_task(task, bundle, args, report)
     report(f"\n({time.time() - tick:.0f} s; AUROC: in-distribution = 0, shifted = 1, sklearn.metrics.roc_auc_score; flagged: "
            "fraction above the bundle's threshold)")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(report.lines) + "\n")
+    previous = args.out.read_text() + "\n" if args.append and args.out.exists() else ""
+    args.out.write_text(previous + "\n".join(report.lines) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -188,3 +188,86 @@ def test_cli_has_the_trust_command_and_the_ood_threshold_option():
     assert args.ood_threshold == 0.995
     args = build_parser().parse_args(["trust", "b", "--n-fit", "10", "--transform", "none"])
     assert (args.command, args.n_fit, args.transform) == ("trust", 10, "none")
+
+
+# ------------------------------------------------------------------------------------------ mass_profiles
+def _noise_galaxies(rng, n: int, first_id: int) -> dict[str, np.ndarray]:
+    """Galaxies of pure noise: 40-120 stars at uniform positions in a 0.5 kpc disc whose velocities are their
+    measurement errors alone (no dynamics, no tracer profile). (Velocities drawn uniformly over tens of km/s are
+    *not* caught: the network sees v / std(v), bench/README.md.)"""
+    cols: dict[str, list] = {"galaxy_id": [], "x": [], "y": [], "v_los": [], "v_err": []}
+    for k in range(n):
+        m = int(rng.integers(40, 120))
+        r, phi = 0.5 * np.sqrt(rng.uniform(0, 1, m)), rng.uniform(0, 2 * np.pi, m)
+        err = rng.uniform(1, 3, m)
+        cols["galaxy_id"].append(np.full(m, first_id + k))
+        cols["x"].append(r * np.cos(phi))
+        cols["y"].append(r * np.sin(phi))
+        cols["v_los"].append(40.0 + rng.normal(0, err))
+        cols["v_err"].append(err)
+    return {key: np.concatenate(v) for key, v in cols.items()}
+
+
+@pytest.fixture(scope="module")
+def kin_shipped() -> Path:
+    path = default_bundle_path("mass_profiles")
+    if load_trust(load_bundle(path)) is None:
+        pytest.skip(f"shipped bundle {path.name} carries no trust description")
+    return path
+
+
+@pytest.fixture(scope="module")
+def kin_store(tmp_path_factory) -> Path:
+    """20 mock galaxies of two training-grid DFs, 4 pure-noise galaxies (ids 20-23), one of 3 stars (24)."""
+    from survey_infer.kinematics import write_kinematics_store
+    from training.mock_kinematics import write_mock_kinematics
+    from training.sim import kinematics as sim
+
+    halos = [sim.build_halo("nfw", 0.0, float(sim.B_RATIOS["nfw"][4]), np.inf, seed=1),
+             sim.build_halo("burkert", 0.0, float(sim.B_RATIOS["burkert"][3]), 2.0, seed=2)]  # fmt: skip
+    path = write_mock_kinematics(tmp_path_factory.mktemp("kin_trust") / "mock.zarr", 20, seed=5, halos=halos)
+    group = zarr.open_group(str(path), mode="r")
+    extra = _noise_galaxies(np.random.default_rng(1), 4, 20)
+    few = {"galaxy_id": [24] * 3, "x": [0.1, -0.2, 0.3], "y": [0.05, 0.1, -0.1], "v_los": [10.0, 12.0, 8.0], "v_err": [2.0] * 3}
+    stars = {k: np.concatenate([group[f"stars/{k}"][:], extra[k], few[k]]) for k in extra}
+    galaxies = {k: np.append(group[f"galaxies/{k}"][:], v) for k, v in
+                {"galaxy_id": np.arange(20, 25), "ra": np.full(5, 10.0), "dec": np.full(5, -5.0),
+                 "distance_mpc": np.full(5, 0.1)}.items()}  # fmt: skip
+    return write_kinematics_store(path.with_name("with_noise.zarr"), stars, galaxies, galaxies_per_unit=10)
+
+
+def test_mass_profiles_bundle_carries_trust(kin_shipped):
+    from training.trust import TRUST_SEEDS
+
+    bundle = load_bundle(kin_shipped)
+    trust, section = load_trust(bundle), bundle.meta["trust"]
+    assert bundle.meta["engine_io"]["outputs"] == ["log_mass", "features"] and trust.mean.shape == (32,)
+    assert np.isfinite(trust.threshold) and trust.threshold == pytest.approx(np.quantile(trust.reference_scores, 0.99))
+    seeds = section["mocks"]["seeds"]
+    assert seeds == TRUST_SEEDS["mass_profiles"]
+    assert not set(seeds.values()) & set(bundle.meta["training"]["reserved_for_evaluation"].values())
+    coverage = section["recalibration"]["posterior_intervals"]["coverage"]
+    assert len(coverage) == 10 and all(0.0 < c["68"] < c["95"] < 1.0 for c in coverage.values())
+
+
+def test_kinematics_run_scores_galaxies_and_flags_noise(kin_shipped, kin_store, tmp_path):
+    from survey_infer.cli import main
+
+    out = tmp_path / "out"
+    code = main(["run", "mass_profiles", "--input", str(kin_store), "--output", str(out), "--in-process",
+                 "--no-progress", "--no-catalog", "--task-option", "samples=5"])  # fmt: skip
+    assert code == 0
+    trust = load_trust(load_bundle(kin_shipped))
+    threshold = trust.threshold
+    table = read_parts(out).set_index("object_id").sort_index()
+    score = table["ood_score"].to_numpy()
+    assert np.isfinite(score[:24]).all() and np.isnan(score[24])  # the 3-star galaxy has no estimate, no score
+    ood = (table["flag"].to_numpy() & FLAG_BITS["ood"]) != 0
+    # pure noise: above the threshold and flagged (the bench: ~95% of such galaxies), far above in-distribution
+    assert np.median(score[20:24]) > threshold and ood[20:24].sum() >= 3
+    assert (score[20:24] > np.quantile(trust.reference_scores, 0.95)).all()
+    assert np.isfinite(table["log_m_1p0"].to_numpy()[20:24]).all()  # ... and still estimated
+    assert ood[:20].sum() <= 2  # in-distribution galaxies: ~1% flagged
+    record = json.loads((out / "run.json").read_text())
+    assert record["trust"]["enabled"] and record["trust"]["threshold"] == pytest.approx(threshold)
+    assert record["trust"]["rows_flagged_ood"] == int(ood.sum())

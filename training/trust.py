@@ -58,23 +58,27 @@ THRESHOLD_QUANTILE = 0.99
 # and counts than the bench's run, but the same kinds of shift: those AUROCs are not blind): sqrt tames the
 # heavy tails of mass_to_light's max-pooled features (uniform noise AUROC 0.94 -> 0.995); for star_clusters the
 # raw activations separate blank sky better (0.81 -> 0.94).
-TRANSFORM = {"mass_to_light": "sqrt", "star_clusters": "none"}
+# mass_profiles: "none" (its 32 features come out of a SiLU, which can be negative; not tuned on shifts).
+TRANSFORM = {"mass_to_light": "sqrt", "star_clusters": "none", "mass_profiles": "none"}
 DEFAULT_TRANSFORM = "sqrt"
 Z_68, Z_95 = 1.0, 1.959964  # half-widths of the 68.27% and 95% Gaussian intervals, in sigma
 NOMINAL = {"68": 0.682689, "95": 0.95}
 # Fresh seeds for the trust mocks, per task: not the training (1e6.., 3e6..), validation (2e6.., 4e6..), the
-# reserved evaluation (900_001-2, 910_001-2) nor the INT8 calibration (424242) seeds.
+# reserved evaluation (900_001-2, 910_001-2) nor the INT8 calibration (424242) seeds. mass_profiles: not its
+# training (cnn 5_100_000, flow 5_200_000, val 5_300_000, DF grid 5_000; training.train_mass_profiles.SEEDS)
+# nor its reserved evaluation seeds (930_001-2, EVAL_SEEDS: bench/accuracy_mass_profiles.py, bench/ood.py).
 TRUST_SEEDS = {"mass_to_light": {"fit": 930_001, "held_out": 930_002},
-               "star_clusters": {"fit": 931_001, "held_out": 931_002}}  # fmt: skip
+               "star_clusters": {"fit": 931_001, "held_out": 931_002},
+               "mass_profiles": {"fit": 932_001, "held_out": 932_002}}  # fmt: skip
 FIRST_ID = 930_000_000
 BATCH = 256
 
 
 @dataclass
 class Sample:
-    """Mock rows as a store would hold them (images, per-object columns) with their truth."""
+    """Mock rows as a store would hold them (images, or a StarBatch of galaxies; per-object columns) with their truth."""
 
-    images: np.ndarray
+    images: Any
     columns: dict[str, np.ndarray]
     truth: dict[str, np.ndarray]
 
@@ -99,9 +103,46 @@ def _star_clusters_mocks(bundle: Bundle, n: int, seed: int, **_: Any) -> Sample:
     return Sample(sim.images, sim.columns, sim.truth)
 
 
+_HALOS: dict[tuple, list] = {}
+
+
+def mass_profiles_halos(bundle: Bundle) -> list:
+    """The bundle's training DF grid (same families, same grid seed), built once per process (~4 min, 1 core)."""
+    from training.sim import kinematics as sim
+
+    families = tuple(bundle.meta.get("training", {}).get("training_data", {}).get("families", sim.FAMILIES))
+    seed = int(bundle.meta.get("training", {}).get("seeds", {}).get("grid", 0))
+    key = (families, seed)
+    if key not in _HALOS:
+        _HALOS[key] = sim.build_grid(families, seed=seed)
+    return _HALOS[key]
+
+
+def galaxies_sample(projections: list, first_id: int = FIRST_ID) -> Sample:
+    """Simulated projections (training.sim.kinematics) as a Sample: a StarBatch, object_id, true log masses."""
+    from survey_infer.kinematics import StarBatch
+    from survey_infer.tasks.mass_profiles import RADII_F, radius_name
+
+    stars = StarBatch.from_lists([(p.x, p.y, p.v_los, p.v_err) for p in projections])
+    truth: dict[str, np.ndarray] = {}
+    if projections and all("log_mass" in p.truth for p in projections):  # galaxies made without a halo have none
+        log_m = np.stack([p.truth["log_mass"] for p in projections])
+        truth = {radius_name(f): log_m[:, k] for k, f in enumerate(RADII_F)}
+        for key in ("family", "halo_label", "n_stars", "ra_over_b", "sigma_scale_kms", "v_err_level_kms"):
+            truth[key] = np.asarray([p.truth[key] for p in projections])
+    return Sample(stars, {"object_id": np.arange(first_id, first_id + len(projections), dtype=np.int64)}, truth)
+
+
+def _mass_profiles_mocks(bundle: Bundle, n: int, seed: int, **_: Any) -> Sample:
+    from training.sim import kinematics as sim
+
+    return galaxies_sample(sim.simulate_split(mass_profiles_halos(bundle), n, seed, 1, FIRST_ID))
+
+
 # task -> in-distribution mocks (bundle, n, seed) -> Sample: the opt-in point of a task (see the module doc)
 SIMULATORS: dict[str, Callable[..., Sample]] = {"mass_to_light": _mass_to_light_mocks,
-                                                "star_clusters": _star_clusters_mocks}  # fmt: skip
+                                                "star_clusters": _star_clusters_mocks,
+                                                "mass_profiles": _mass_profiles_mocks}  # fmt: skip
 
 
 def simulate_in_distribution(bundle: Bundle, n: int, seed: int, **observing: Any) -> Sample:
@@ -111,24 +152,52 @@ def simulate_in_distribution(bundle: Bundle, n: int, seed: int, **observing: Any
 
 
 def run_rows(bundle: Bundle, images: np.ndarray, columns: dict[str, np.ndarray], *, engine: str = "onnxruntime",
-             precision: str = "fp32", threads: int = 1, engine_obj=None) -> dict[str, np.ndarray]:  # fmt: skip
+             precision: str = "fp32", threads: int = 1, engine_obj=None,
+             task_options: dict[str, str] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """A run's path for in-memory rows: task.prepare -> engine.run -> task.postprocess, batch by batch.
 
+    ``images`` is an image array, or a StarBatch for a kinematics task; ``task_options`` as ``--task-option``.
     Returns the catalog columns, ``flag`` and the engine's ``features`` (when it has them)."""
     task = get_task(bundle.task)
+    if task_options:
+        task = task.with_options(task_options)
     engine_obj = engine_obj or make_engine(engine, bundle, threads=threads, precision=precision)
-    wanted = task.input_columns(bundle)
+    wanted = task.input_columns(bundle) + [c for c in ("object_id",) if c in columns]
     pieces: list[dict[str, np.ndarray]] = []
     for start in range(0, len(images), BATCH):
-        n = len(images[start : start + BATCH])
+        batch = _rows(images, start, start + BATCH)
+        n = len(batch)
         cols = {c: np.asarray(columns[c][start : start + BATCH]) if c in columns else np.full(n, np.nan) for c in wanted}
-        inputs, flags = task.prepare(images[start : start + BATCH], cols, bundle)
+        inputs, flags = task.prepare(batch, cols, bundle)
         outputs = engine_obj.run(inputs)
         result = task.postprocess(outputs, cols, flags, bundle)
         if FEATURES_OUTPUT in outputs:
             result[FEATURES_OUTPUT] = outputs[FEATURES_OUTPUT]
         pieces.append({**result, "flag": flags})
     return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+
+def _rows(images: Any, start: int, stop: int) -> Any:
+    """Rows [start, stop) of an image array or of a StarBatch (galaxies)."""
+    from survey_infer.kinematics import StarBatch
+
+    if isinstance(images, StarBatch):
+        stop = min(stop, len(images))
+        lo, hi = int(images.offsets[start]), int(images.offsets[stop])
+        return StarBatch(images.x[lo:hi], images.y[lo:hi], images.v_los[lo:hi], images.v_err[lo:hi],
+                         images.offsets[start : stop + 1] - lo)  # fmt: skip
+    return images[start:stop]
+
+
+def interval_coverage(samples: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
+    """Per output (last axis) coverage of the central 68.27% and 95% intervals of posterior samples (n, S, K)
+    for truth (n, K): the fraction of rows whose truth lies between the samples' 15.87-84.13 (2.5-97.5)
+    percentiles. Rows with non-finite samples are skipped."""
+    samples, truth = np.asarray(samples, np.float64), np.asarray(truth, np.float64)
+    ok = np.isfinite(samples).all(axis=(1, 2)) & np.isfinite(truth).all(axis=1)
+    lo68, hi68, lo95, hi95 = np.percentile(samples[ok], [15.865, 84.135, 2.5, 97.5], axis=1)
+    t = truth[ok]
+    return {"68": np.mean((lo68 <= t) & (t <= hi68), axis=0), "95": np.mean((lo95 <= t) & (t <= hi95), axis=0)}
 
 
 # ------------------------------------------------------------------------------------------ recalibration
@@ -204,10 +273,13 @@ def _requantize(bundle_dir: Path, int8: dict, store: Path | None) -> None:
 # ------------------------------------------------------------------------------------------ the fit
 def _check_seeds(bundle: Bundle, seeds: dict[str, int]) -> None:
     used = bundle.meta.get("training", {}).get("seeds", {})
-    taken = set(used.get("reserved_for_evaluation", {}).values())
-    for split in ("train", "val"):
-        values = [int(v) for v in used.get(split, [])]
-        if values:  # a list of seeds, or [first, last] of a range
+    reserved = {**bundle.meta.get("training", {}).get("reserved_for_evaluation", {}), **used.get("reserved_for_evaluation", {})}
+    taken = {int(v) for v in reserved.values()}
+    for split, value in used.items():  # train/val: a list of seeds or [first, last] of a range; or one seed a split
+        if split == "reserved_for_evaluation" or split.endswith("_per_seed"):
+            continue
+        values = [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+        if values:
             taken |= set(range(min(values), max(values) + 1))
     clash = taken & set(seeds.values())
     if clash:
@@ -269,12 +341,25 @@ def fit_trust(bundle_dir: str | Path, *, n_fit: int = 8000, n_held_out: int = 80
             "coverage_before": coverages(residual, err),
             "coverage_after": coverages(residual, err * spec["scale"] / previous),
         }  # fmt: skip
+    intervals = {}
+    if "log_mass_samples" in held_out:  # a posterior (mass_profiles): per-output coverage of its sample intervals
+        from survey_infer.tasks.mass_profiles import RADII_F, radius_name
+
+        names_r = [radius_name(f) for f in RADII_F]
+        cov = interval_coverage(held_out["log_mass_samples"][held_ok],
+                                np.stack([np.asarray(sample.truth[k], np.float64)[held_ok] for k in names_r], 1))
+        intervals = {"method": "coverage of the posterior samples' central 68.27% (15.87-84.13 percentiles) and 95% "
+                               "(2.5-97.5) intervals on the held-out mocks, per radius; no recalibration is applied "
+                               "unless one is outside +-0.05 of nominal (bench/ood.py reports it on fresh mocks)",
+                     "samples_per_row": int(held_out["log_mass_samples"].shape[1]),
+                     "coverage": {k: {"68": round(float(cov["68"][i]), 4), "95": round(float(cov["95"][i]), 4)}
+                                  for i, k in enumerate(names_r)}}  # fmt: skip
     save_file({"mean": lw.location_.astype(np.float64), "whitening": whitening.astype(np.float64),
                "reference_scores": reference.astype(np.float64)}, str(bundle_dir / TRUST_FILE))  # fmt: skip
     section = {
         "file": TRUST_FILE,
         "method": "mahalanobis",
-        "features": f"engine output {FEATURES_OUTPUT!r}: the penultimate layer ({fit_out[FEATURES_OUTPUT].shape[1]} ReLU "
+        "features": f"engine output {FEATURES_OUTPUT!r}: the penultimate layer ({fit_out[FEATURES_OUTPUT].shape[1]} "
                     "activations)",
         "transform": transform,
         "covariance": "Ledoit-Wolf shrinkage (sklearn.covariance.LedoitWolf)",
@@ -292,6 +377,7 @@ def fit_trust(bundle_dir: str | Path, *, n_fit: int = 8000, n_held_out: int = 80
                       "+-1.96 err intervals miss 68.27% and 95% coverage by the smallest largest amount; folded into "
                       "output_spec.<name>_err.scale (coverage_after is on the same rows: see bench/ood.py for fresh ones)",
             "outputs": recalibration,
+            **({"posterior_intervals": intervals} if intervals else {}),
         },
         "seconds": round(time.time() - t0, 1),
     }  # fmt: skip
