@@ -140,11 +140,17 @@ def posterior_model(bundle: Bundle):
         return _FLOWS[key]
 
 
+# zuko samples from torch's global generator: two units in threads of one worker would interleave their seeds
+_SAMPLE_LOCK = threading.Lock()
+
+
 def sample_posterior(model, features: np.ndarray, log_mass: np.ndarray, n_samples: int, seed: int | None = 0) -> np.ndarray:
-    """Posterior samples (n, n_samples, 10) of log10 M(< f R_h) given the CNN's features and point estimate."""
+    """Posterior samples (n, n_samples, 10) of log10 M(< f R_h) given the CNN's features and point estimate.
+
+    Seeded sampling holds a process-wide lock (the generator is global), so it is reproducible under threads."""
     import torch
 
-    with torch.inference_mode():
+    with _SAMPLE_LOCK, torch.inference_mode():
         gen_state = torch.random.get_rng_state()
         if seed is not None:
             torch.manual_seed(seed)
