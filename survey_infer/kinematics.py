@@ -315,23 +315,9 @@ GALAXY_LEVEL = ("ra", "dec", "distance_mpc", "r_half")
 
 
 def _read_table(path: Path):
-    from astropy.table import Table
+    from survey_infer.tiles import read_table
 
-    from survey_infer.tiles import CATALOG_FORMATS
-
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"table {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in CATALOG_FORMATS:
-        raise StoreError(f"table {path}: unknown format {suffix!r}; one of {', '.join(CATALOG_FORMATS)}")
-    try:
-        table = Table.read(path, format=CATALOG_FORMATS[suffix])
-    except Exception as exc:  # astropy's readers raise many types
-        raise StoreError(f"table {path} cannot be read as {CATALOG_FORMATS[suffix]}: {exc}") from exc
-    if len(table) == 0:
-        raise StoreError(f"table {path} has no rows")
-    return table
+    return read_table(Path(path), "table")
 
 
 def _values(table, name: str, path: Path, unit: str | None = None) -> np.ndarray:

@@ -231,6 +231,23 @@ def _integer_ids(ids: np.ndarray, name: str, path: Path) -> np.ndarray:
     return ids
 
 
+def read_table(path: Path, what: str = "table"):
+    """Any table astropy reads (format from the suffix, CATALOG_FORMATS), refused with ``what`` and the path
+    named when it is missing, of an unknown format, unreadable or empty."""
+    if not path.is_file():
+        raise StoreError(f"{what} {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in CATALOG_FORMATS:
+        raise StoreError(f"{what} {path}: unknown format {suffix!r}; one of {', '.join(CATALOG_FORMATS)}")
+    try:
+        table = Table.read(path, format=CATALOG_FORMATS[suffix])
+    except Exception as exc:  # astropy's readers raise many types
+        raise StoreError(f"{what} {path} cannot be read as {CATALOG_FORMATS[suffix]}: {exc}") from exc
+    if len(table) == 0:
+        raise StoreError(f"{what} {path} has no rows")
+    return table
+
+
 def read_sources(
     path: str | Path,
     *,
@@ -243,17 +260,7 @@ def read_sources(
 ) -> dict[str, np.ndarray]:
     """The source catalog's columns, checked: ids unique integers, coordinates finite, at least one row."""
     path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"source catalog {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in CATALOG_FORMATS:
-        raise StoreError(f"source catalog {path}: unknown format {suffix!r}; one of {', '.join(CATALOG_FORMATS)}")
-    try:
-        table = Table.read(path, format=CATALOG_FORMATS[suffix])
-    except Exception as exc:  # astropy's readers raise many types
-        raise StoreError(f"source catalog {path} cannot be read as {CATALOG_FORMATS[suffix]}: {exc}") from exc
-    if len(table) == 0:
-        raise StoreError(f"source catalog {path} has no rows; there is nothing to cut")
+    table = read_table(path, "source catalog")
     ra = _degrees(_column(table, ra_col, path), ra_col, path)
     dec = _degrees(_column(table, dec_col, path), dec_col, path)
     ids = _integer_ids(np.asarray(_column(table, id_col, path)), id_col, path)
