@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 
 from survey_infer.errors import StoreError
-from survey_infer.store import STORE_FORMAT, open_store, store_fingerprint
+from survey_infer.store import STORE_FORMAT, RowBlockStore, open_store
 
 STARS_GROUP = "stars"
 GALAXIES_GROUP = "galaxies"
@@ -76,7 +76,7 @@ class StarBatch:
 
 
 @dataclass(frozen=True)
-class KinematicsStoreInfo:
+class KinematicsStoreInfo(RowBlockStore):
     """What the pipeline needs to know about a validated `kinematics` store (rows = galaxies)."""
 
     path: Path
@@ -93,14 +93,6 @@ class KinematicsStoreInfo:
     @property
     def columns_path(self) -> Path:
         return self.path / GALAXIES_GROUP
-
-    @property
-    def unit_bounds(self) -> None:
-        """Units are blocks of galaxies, cut by ``rows_per_unit`` like cutout rows (see the pipeline)."""
-        return None
-
-    def fingerprint(self) -> str:
-        return store_fingerprint(self.path)
 
     def describe(self) -> dict[str, Any]:
         return {"galaxies": self.n_rows, "stars": self.n_stars, "position_unit": self.position_unit}

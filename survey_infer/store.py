@@ -43,8 +43,22 @@ def _compressor(name: str = DEFAULT_IMAGE_CODEC) -> BloscCodec | None:
     return IMAGE_CODECS[name]()
 
 
+class RowBlockStore:
+    """A store whose rows the pipeline cuts into units of ``rows_per_unit`` (cutouts, kinematics)."""
+
+    path: Path
+
+    @property
+    def unit_bounds(self) -> None:
+        """None: units come from ``rows_per_unit`` (see the pipeline), not from the store."""
+        return None
+
+    def fingerprint(self) -> str:
+        return store_fingerprint(self.path)
+
+
 @dataclass(frozen=True)
-class CutoutStoreInfo:
+class CutoutStoreInfo(RowBlockStore):
     """What the pipeline needs to know about a validated `cutouts` store."""
 
     path: Path
@@ -66,14 +80,6 @@ class CutoutStoreInfo:
     def columns_path(self) -> Path:
         """The group that holds the per-object columns."""
         return self.path
-
-    @property
-    def unit_bounds(self) -> None:
-        """Cutout stores are cut into units by ``rows_per_unit`` (see the pipeline), not by the store."""
-        return None
-
-    def fingerprint(self) -> str:
-        return store_fingerprint(self.path)
 
     def describe(self) -> dict[str, Any]:
         return {"image_shape": list(self.image_shape)}

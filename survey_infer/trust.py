@@ -38,9 +38,10 @@ SCORE_DESCRIPTION = ("out-of-distribution score: Mahalanobis distance of the net
                      "from the training mocks' (bundle trust section); rows above the threshold are flagged ood")  # fmt: skip
 
 
-def transform_features(features: np.ndarray, transform: str) -> np.ndarray:
-    """The transform applied to the features before the Mahalanobis distance (float64)."""
-    values = np.asarray(features, dtype=np.float64)
+def transform_features(features: np.ndarray, transform: str, dtype: type = np.float64) -> np.ndarray:
+    """The transform applied to the features before the Mahalanobis distance (float64 for fitting; the run's
+    scoring passes float32)."""
+    values = np.asarray(features, dtype=dtype)
     if transform == "sqrt":
         return np.sqrt(np.maximum(values, 0.0))
     if transform == "none":
@@ -66,8 +67,8 @@ class TrustModel:
             raise BundleError(f"engine output {FEATURES_OUTPUT!r} has shape {features.shape}; the bundle's trust "
                               f"description expects (N, {len(self.mean)})")  # fmt: skip
         # float32 matmul (half the cost of float64 on the run's hot path; scores agree to ~1e-6 relative)
-        centred = (transform_features(features, self.transform) - self.mean).astype(np.float32)
-        whitened = centred @ self.whitening.astype(np.float32, copy=False)
+        centred = transform_features(features, self.transform, np.float32) - self.mean.astype(np.float32)
+        whitened = centred @ self.whitening
         return np.sqrt(np.einsum("ij,ij->i", whitened, whitened, dtype=np.float64))
 
     def threshold_at(self, quantile: float) -> float:

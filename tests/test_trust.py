@@ -28,12 +28,17 @@ from training.trust import Z_68, Z_95, coverage, fit_error_scale, fit_trust, run
 N_MOCK, N_NOISE = 96, 16  # rows 0-95 mock galaxies; 96-103 uniform noise, 104-111 blank sky (log-scaled)
 
 
-@pytest.fixture(scope="module")
-def shipped() -> Path:
-    path = default_bundle_path("mass_to_light")
+def shipped_with_trust(task: str) -> Path:
+    """The task's shipped bundle; the test skips when it carries no trust description."""
+    path = default_bundle_path(task)
     if load_trust(load_bundle(path)) is None:
         pytest.skip(f"shipped bundle {path.name} carries no trust description")
     return path
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Path:
+    return shipped_with_trust("mass_to_light")
 
 
 @pytest.fixture(scope="module")
@@ -210,10 +215,7 @@ def _noise_galaxies(rng, n: int, first_id: int) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def kin_shipped() -> Path:
-    path = default_bundle_path("mass_profiles")
-    if load_trust(load_bundle(path)) is None:
-        pytest.skip(f"shipped bundle {path.name} carries no trust description")
-    return path
+    return shipped_with_trust("mass_profiles")
 
 
 @pytest.fixture(scope="module")
