@@ -174,10 +174,12 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         lock.release()
 
 
-def prepare_output_dir(out_dir: Path, resume: bool) -> None:
-    """Create the output layout; without ``resume``, clear what a previous run left."""
+def prepare_output_dir(out_dir: Path, resume: bool, array_store: str | None = None) -> None:
+    """Create the output layout; without ``resume``, clear what a previous run left (its array store too)."""
     if not resume and out_dir.exists():
-        for name in (paths.PARTS_DIR, paths.DONE_DIR, paths.CATALOG_DIR, paths.RUN_RECORD):
+        for name in (paths.PARTS_DIR, paths.DONE_DIR, paths.CATALOG_DIR, paths.RUN_RECORD, array_store):
+            if name is None:
+                continue
             target = out_dir / name
             if target.is_dir():
                 shutil.rmtree(target)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import survey_infer
 from survey_infer import paths
+from survey_infer.array_outputs import create_group_store, create_row_arrays, remove_temp_groups
 from survey_infer.bundle import Bundle, default_bundle_path, load_bundle
 from survey_infer.config import RunConfig
 from survey_infer.errors import RefusedError, StoreError
@@ -58,6 +59,7 @@ class RunPlan:
     identity: dict[str, str]
     resume: bool
     n_units: int
+    task: Task | None = None
     trust: dict[str, Any] = field(default_factory=dict)
     done: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -98,13 +100,19 @@ def open_input(config: RunConfig, task: Task) -> InputStore:
         return open_tiles(config.input)
     if kind == "kinematics":  # rows are galaxies; a unit is a block of them (--rows-per-unit galaxies)
         return open_kinematics(config.input)
+    if kind == "ifu":  # rows are cubes; a unit is one cube
+        if config.rows_per_unit:
+            raise RefusedError("--rows-per-unit does not apply to an ifu store: one unit is one cube")
+        from survey_infer.ifu import open_ifu
+
+        return open_ifu(config.input)
     raise StoreError(f"task {task.name} needs a {kind!r} store, which this version cannot read")
 
 
 def _units(config: RunConfig, info: InputStore) -> tuple[tuple[tuple[int, int], ...], int]:
     """Each unit's row range, and the rows read per batch."""
     if info.unit_bounds is not None:
-        return info.unit_bounds, TILE_ROWS_PER_READ
+        return info.unit_bounds, getattr(info, "batch_rows", TILE_ROWS_PER_READ)
     rows_per_unit = _rows_per_unit(config, info)
     starts = range(0, info.n_rows, rows_per_unit)
     return tuple((s, min(s + rows_per_unit, info.n_rows)) for s in starts), min(info.rows_per_read, rows_per_unit)
@@ -135,9 +143,9 @@ def plan_run(config: RunConfig) -> RunPlan:
         available_columns=tuple(info.columns), unit_tiles=getattr(info, "unit_tiles", ()), cut=cut,
         id_column=getattr(info, "id_column", "object_id"),
         task_options=tuple(sorted((config.task_options or {}).items())),
-        ood_threshold=trust.get("threshold"),
+        ood_threshold=trust.get("threshold"), array_store=task.array_store,
     )  # fmt: skip
-    plan = RunPlan(config, bundle, info, spec, identity, resume, len(unit_bounds), trust=trust)
+    plan = RunPlan(config, bundle, info, spec, identity, resume, len(unit_bounds), task=task, trust=trust)
     if resume:
         for unit in range(plan.n_units):
             marker = read_done_marker(config.output, unit)
@@ -205,9 +213,27 @@ def run_pipeline(config: RunConfig, client: Client, plan: RunPlan | None = None)
         return _run_locked(config, client, plan_run(config), started)
 
 
+def _prepare_array_store(plan: RunPlan) -> dict[str, Any] | None:
+    """Create the task's array store before any unit writes into it; what run.json says of it."""
+    task, spec = plan.task, plan.spec
+    if task is None or task.array_store is None:
+        return None
+    store = Path(spec.out_dir) / task.array_store
+    outputs = task.array_outputs(plan.bundle)
+    attrs = {"task": task.name, "bundle": plan.bundle.id}
+    if outputs:
+        create_row_arrays(store, outputs, plan.store.n_rows, spec.unit_bounds, attrs)
+    else:
+        create_group_store(store, attrs)
+    return {"path": str(store), "layout": "rows" if outputs else "groups", "arrays": [o.name for o in outputs]}
+
+
 def _run_locked(config: RunConfig, client: Client, plan: RunPlan, started: float) -> RunResult:
-    prepare_output_dir(config.output, plan.resume)
+    prepare_output_dir(config.output, plan.resume, array_store=plan.spec.array_store)
     record = _base_record(plan, started)
+    arrays = _prepare_array_store(plan)
+    if arrays is not None:
+        record["arrays"] = arrays
     write_run_record(config.output, record)
 
     client.register_plugin(EnginePlugin(plan.spec.engine_key), name=PLUGIN_NAME)
@@ -228,6 +254,7 @@ def _run_locked(config: RunConfig, client: Client, plan: RunPlan, started: float
     _submit_bounded(client, plan, on_done)
     bar.close()
     remove_stale_temp_files(config.output)  # left by units killed mid-write and then redone
+    remove_temp_groups(config.output)
     units_seconds = time.time() - units_started
 
     catalog_seconds = 0.0

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 from distributed import WorkerPlugin, get_worker
 
+from survey_infer.array_outputs import write_group_atomic, write_row_arrays
 from survey_infer.bundle import Bundle, load_bundle
 from survey_infer.config import available_cores
 from survey_infer.engines import Engine, make_engine
@@ -28,6 +29,7 @@ from survey_infer.store import iter_image_batches, read_columns
 from survey_infer.kinematics import iter_star_batches
 from survey_infer.tiles import CutSpec, iter_tile_batches
 from survey_infer.tasks import get_task
+from survey_infer.tasks.base import UnitResult
 from survey_infer.trust import SCORE_COLUMN, bundle_trust, score_rows
 
 PLUGIN_NAME = "survey-infer-engines"
@@ -102,6 +104,7 @@ class UnitSpec:
     id_column: str = "object_id"  # the store's row id column, written as the catalog's object_id
     task_options: tuple[tuple[str, str], ...] = ()  # Task.with_options
     ood_threshold: float | None = None  # the run's ood_score threshold (None: the bundle's own)
+    array_store: str | None = None  # where the task's array outputs go (survey_infer.array_outputs), if any
 
     def rows(self, unit_index: int) -> tuple[int, int]:
         return self.unit_bounds[unit_index]
@@ -116,6 +119,11 @@ def unit_batches(spec: UnitSpec, unit_index: int, stats: dict[str, Any]) -> Iter
         return
     if spec.store_kind == "kinematics":  # ragged stars per galaxy (survey_infer.kinematics.StarBatch)
         yield from iter_star_batches(store, start, stop, spec.rows_per_read)
+        return
+    if spec.store_kind == "ifu":  # one cube per unit; the engine's rows are its spaxels
+        from survey_infer.ifu import iter_spaxel_batches
+
+        yield from iter_spaxel_batches(store, start, stop, spec.rows_per_read)
         return
     for offset, images in iter_image_batches(store, start, stop, spec.rows_per_read):
         yield offset, images, np.zeros(len(images), np.int32)
@@ -190,6 +198,9 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
         pieces.append({**results, SCORE_COLUMN: score, "flag": flags})
 
     merged = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+    result = task.finish_unit(merged, columns, bundle)
+    merged = result.rows
+    write_unit_arrays(spec, unit_index, columns["object_id"], result)
     schema = catalog_schema(task.output_columns(bundle), bundle.id, task.name, ood_score=True)
     data = {"object_id": columns["object_id"], "ra": columns["ra"], "dec": columns["dec"], **merged,
             "flag_reason": flag_reasons(merged["flag"]), "bundle_id": [bundle.id] * (stop - start)}  # fmt: skip
@@ -207,3 +218,17 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
     }
     write_done_marker(Path(spec.out_dir), unit_index, summary)
     return summary
+
+
+def write_unit_arrays(spec: UnitSpec, unit_index: int, object_ids: np.ndarray, result: UnitResult) -> None:
+    """Write a unit's row arrays and array groups (before its part and done marker: done means whole)."""
+    if not (result.row_arrays or result.groups):
+        return
+    if spec.array_store is None:
+        raise RuntimeError(f"task {spec.task} returned array outputs but declares no array_store")
+    store = Path(spec.out_dir) / spec.array_store
+    if result.row_arrays:
+        start, stop = spec.rows(unit_index)
+        write_row_arrays(store, start, stop, object_ids, result.row_arrays)
+    for name, arrays in result.groups.items():
+        write_group_atomic(store, name, arrays, result.group_attrs.get(name, {}))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -31,14 +31,53 @@ class OutputColumn:
         return pa.field(self.name, kind, metadata={"unit": self.unit, "description": self.description})
 
 
+@dataclass(frozen=True)
+class ArrayOutput:
+    """One row-aligned array a task writes beside the catalog: (N, *per_row_shape) in its ``array_store``."""
+
+    name: str
+    per_row_shape: tuple[int, ...]
+    dtype: str
+    unit: str
+    description: str
+    attrs: dict[str, Any] = field(default_factory=dict)  # e.g. the names of a map stack's planes
+
+
+@dataclass
+class UnitResult:
+    """What a unit writes: catalog columns (one value per catalog row, ``flag`` and ``ood_score`` included),
+    row arrays (one entry per catalog row) and groups of arrays of any shape (group name -> arrays)."""
+
+    rows: dict[str, np.ndarray]
+    row_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    groups: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    group_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)  # group name -> its attrs
+
+
 class Task:
     """Base of every science task."""
 
     name: ClassVar[str]
     store_kind: ClassVar[str]
+    array_store: ClassVar[str | None] = None  # e.g. "maps.zarr": the Zarr store its array outputs go to
 
     def output_columns(self, bundle: Bundle) -> list[OutputColumn]:
         raise NotImplementedError
+
+    def array_outputs(self, bundle: Bundle) -> list[ArrayOutput]:
+        """Row-aligned arrays written to ``array_store`` (survey_infer.array_outputs); none by default."""
+        return []
+
+    def finish_unit(self, results: dict[str, np.ndarray], columns: dict[str, np.ndarray], bundle: Bundle) -> UnitResult:
+        """Turn a unit's concatenated postprocess results (with ``ood_score`` and ``flag``) into what it writes.
+
+        By default each result row is a catalog row and the results named by `array_outputs` are row arrays.
+        A task whose rows are not the engine's rows (one IFU cube = one catalog row, its spaxels the engine's
+        rows) reduces them here and returns its per-unit arrays as ``groups``.
+        """
+        names = {out.name for out in self.array_outputs(bundle)}
+        return UnitResult(rows={k: v for k, v in results.items() if k not in names},
+                          row_arrays={k: results[k] for k in names})  # fmt: skip
 
     options: ClassVar[dict[str, str]] = {}
     option_names: ClassVar[tuple[str, ...]] = ()  # the options a task accepts (``--task-option KEY=VALUE``)

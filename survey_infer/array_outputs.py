@@ -1,0 +1,104 @@
+"""A task's array outputs (``maps.zarr``, ``sfh.zarr``), written by units exactly once, like the catalog parts.
+
+Two layouts, both Zarr v3 under the run's output directory (the store's name is the task's ``array_store``):
+
+- **row arrays** ``<store>/<name>`` of shape (N, *per_row_shape), row i = input row i, with an ``object_id``
+  array beside them so that rows can be joined to the (re-partitioned) catalog. The client creates them before
+  any unit runs, chunked so that every unit owns whole chunks (chunk rows = the greatest common divisor of the
+  unit boundaries): no two units ever write one chunk, and a unit that is redone rewrites its region whole.
+- **group arrays** ``<store>/<group>/<name>`` of any shape, one group per unit key (e.g. a cube id): written
+  into a temporary group beside the store and renamed into place, so a group is either whole or absent.
+
+A unit writes its arrays before its Parquet part and its done marker, so a unit marked done has its arrays.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from survey_infer.errors import RefusedError
+from survey_infer.tasks.base import ArrayOutput
+
+ID_ARRAY = "object_id"
+TEMP_GROUPS_DIR = ".array-groups.tmp"  # beside the array store; emptied when the run ends
+
+
+def unit_chunk_rows(unit_bounds: tuple[tuple[int, int], ...]) -> int:
+    """Rows per chunk such that every unit starts and ends on a chunk boundary (the array end excepted)."""
+    inner = [start for start, _ in unit_bounds[1:]]
+    if not inner:
+        return max(1, unit_bounds[0][1] - unit_bounds[0][0]) if unit_bounds else 1
+    return math.gcd(*inner)
+
+
+def create_row_arrays(
+    store: Path, outputs: list[ArrayOutput], n_rows: int, unit_bounds: tuple[tuple[int, int], ...],
+    attrs: dict[str, Any],
+) -> None:
+    """Create (or, on a resume, keep) the row arrays and the ``object_id`` array; refuse a mismatched one."""
+    group = zarr.open_group(str(store), mode="a", zarr_format=3)
+    group.attrs.update({"survey_infer": {"format": 1, "layout": "rows", **attrs}})
+    chunk = min(unit_chunk_rows(unit_bounds), max(n_rows, 1))
+    wanted = [ArrayOutput(ID_ARRAY, (), "int64", "", "object identifier of the row (the catalog's object_id)")]
+    for out in wanted + list(outputs):
+        shape = (n_rows, *out.per_row_shape)
+        if out.name in group:
+            existing = group[out.name]
+            if existing.shape != shape or existing.dtype != np.dtype(out.dtype):
+                raise RefusedError(f"array '{out.name}' in {store} has shape {existing.shape} {existing.dtype}; "
+                                 f"this run writes {shape} {np.dtype(out.dtype)}")  # fmt: skip
+            continue
+        fill = -1 if np.dtype(out.dtype).kind in "iu" else np.nan
+        group.create_array(
+            out.name, shape=shape, chunks=(chunk, *out.per_row_shape), dtype=out.dtype, fill_value=fill,
+            attributes={"unit": out.unit, "description": out.description, **out.attrs},
+        )  # fmt: skip
+
+
+def create_group_store(store: Path, attrs: dict[str, Any]) -> None:
+    """Create (or keep) the root group under which units write one group each."""
+    group = zarr.open_group(str(store), mode="a", zarr_format=3)
+    group.attrs.update({"survey_infer": {"format": 1, "layout": "groups", **attrs}})
+
+
+def write_row_arrays(store: Path, start: int, stop: int, object_ids: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+    """Write one unit's rows [start, stop) of each row array (the unit owns these chunks)."""
+    for name, values in {ID_ARRAY: object_ids, **arrays}.items():
+        if len(values) != stop - start:
+            raise ValueError(f"array output '{name}' has {len(values)} rows for a unit of {stop - start}")
+        target = zarr.open_array(str(store / name), mode="r+")
+        target[start:stop] = np.asarray(values, dtype=target.dtype)
+
+
+def write_group_atomic(store: Path, group_name: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> Path:
+    """Write one unit's group into a temporary group, then rename it into ``store/group_name``."""
+    if not group_name or "/" in group_name or group_name.startswith("."):
+        raise ValueError(f"array group name {group_name!r} must be non-empty, without '/' and not start with '.'")
+    final = store / group_name
+    tmp = store.parent / TEMP_GROUPS_DIR / f"{group_name}.{uuid.uuid4().hex}"
+    try:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group.attrs.update(attrs)
+        for name, values in arrays.items():
+            values = np.asarray(values)
+            group.create_array(name, data=values)
+        if final.exists():  # a unit killed after its rename but before its done marker: redo whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def remove_temp_groups(out_dir: Path) -> None:
+    """Remove what units killed mid-write left in the temporary groups folder (called under the run lock)."""
+    shutil.rmtree(Path(out_dir) / TEMP_GROUPS_DIR, ignore_errors=True)
