@@ -189,3 +189,6 @@ class MassProfileNet(nn.Module):
         """(N, n_samples, 10) samples of log10 M(< f R_h) given the CNN's features and point estimate."""
         z = self.flow(features).sample((n_samples,))  # (S, N, 10)
         return (log_mass.unsqueeze(0) + self.residual_std * z).transpose(0, 1)
+
+
+from survey_infer import sfh_net as _sfh_net  # noqa: E402,F401  (registers the sfh architecture "sfh_conv1d")
