@@ -191,4 +191,87 @@ class MassProfileNet(nn.Module):
         return (log_mass.unsqueeze(0) + self.residual_std * z).transpose(0, 1)
 
 
+def _norm_groups(channels: int) -> int:
+    return 8 if channels % 8 == 0 and channels >= 16 else 1
+
+
+class _UNetBlock(nn.Sequential):
+    """PICASSSO's block: GroupNorm -> Conv 3x3 -> ReLU -> GroupNorm -> Conv 3x3 -> ReLU."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(
+            nn.GroupNorm(_norm_groups(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
+            nn.GroupNorm(_norm_groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(),
+        )  # fmt: skip
+
+
+class _UpStep(nn.Module):
+    """Bilinear x2 upsampling + 1x1 conv halving the channels (the paper's up step), concat skip, block."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(c_in, c_out, 1)
+        self.block = _UNetBlock(2 * c_out, c_out)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(nn.functional.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
+        return self.block(torch.cat([x, skip], dim=1))
+
+
+@register("property_unet")
+class PropertyUNet(nn.Module):
+    """The U-Net of PICASSSO (Buck & Wolf 2021) for resolved property maps, narrower than the paper's.
+
+    ``depth`` max-pool steps down and bilinear steps up with skip connections; features ``width`` doubling
+    per level (the paper: 64 -> 1024; here 16 -> 256 by default, so that a 64 px version trains on a CPU).
+    A 1x1 head gives per map and pixel a mean (in physical log10 units: the standardisation of the targets,
+    ``target_mean``/``target_std``, is part of the model), a log variance (Gaussian uncertainty head) and a
+    logit that the pixel is empty. With ``emit_features`` a fourth output is the bottleneck averaged over the
+    image (the trust score's input).
+    """
+
+    emit_features = False
+
+    def __init__(self, in_channels: int = 5, n_maps: int = 6, width: int = 16, depth: int = 4,
+                 target_mean: list[float] | None = None, target_std: list[float] | None = None):  # fmt: skip
+        super().__init__()
+        widths = [width * 2**k for k in range(depth + 1)]
+        self.down = nn.ModuleList()
+        c = in_channels
+        for w in widths[:-1]:
+            self.down.append(_UNetBlock(c, w))
+            c = w
+        self.bottleneck = _UNetBlock(widths[-2], widths[-1])
+        self.up = nn.ModuleList(_UpStep(widths[k + 1], widths[k]) for k in reversed(range(depth)))
+        self.head = nn.Conv2d(widths[0], 3 * n_maps, 1)
+        self.n_maps = n_maps
+        for name, values, default in (("target_mean", target_mean, 0.0), ("target_std", target_std, 1.0)):
+            values = list(values) if values is not None else [default] * n_maps
+            if len(values) != n_maps:
+                raise ValueError(f"{name} needs {n_maps} values, got {len(values)}")
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(1, n_maps, 1, 1),
+                                 persistent=False)  # fmt: skip
+
+    def forward_standardised(self, image: torch.Tensor):
+        skips = []
+        x = image
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = nn.functional.max_pool2d(x, 2)
+        x = self.bottleneck(x)
+        pooled = x.mean(dim=(-2, -1))
+        for step, skip in zip(self.up, reversed(skips)):
+            x = step(x, skip)
+        out = self.head(x)
+        k = self.n_maps
+        return out[:, :k], out[:, k : 2 * k].clamp(-10.0, 6.0), out[:, 2 * k :], pooled
+
+    def forward(self, image: torch.Tensor):
+        mean_std, log_var_std, empty_logit, pooled = self.forward_standardised(image)
+        mean = self.target_mean + self.target_std * mean_std
+        log_var = log_var_std + 2.0 * torch.log(self.target_std)  # of the physical log10 values
+        return (mean, log_var, empty_logit, pooled) if self.emit_features else (mean, log_var, empty_logit)
+
+
 from survey_infer import sfh_net as _sfh_net  # noqa: E402,F401  (registers the sfh architecture "sfh_conv1d")

@@ -123,7 +123,8 @@ def write_mock_clusters(
 
 
 # The mock store each task's demo runs on (the demo asks by task id; a task absent here gets galaxy cutouts).
-DEMO_MOCKS = {"mass_to_light": "cutouts", "star_clusters": "clusters", "mass_profiles": "kinematics"}
+DEMO_MOCKS = {"mass_to_light": "cutouts", "star_clusters": "clusters", "mass_profiles": "kinematics",
+              "property_maps": "property_maps"}
 
 
 def write_demo_mock(task: str, directory: Path, n: int, *, seed: int, rows_per_unit: int) -> Path:
@@ -135,6 +136,11 @@ def write_demo_mock(task: str, directory: Path, n: int, *, seed: int, rows_per_u
 
         return write_mock_kinematics(store, n, seed=seed, grid="tiny", galaxies_per_unit=min(rows_per_unit, 256),
                                      overwrite=True)  # fmt: skip
+    if kind == "property_maps":  # ugriz in surface brightness with the six truth maps
+        from training.mock_property_maps import write_mock_property_maps
+
+        return write_mock_property_maps(store, n, seed=seed, rows_per_unit=min(rows_per_unit, 256),
+                                        rows_per_batch=min(rows_per_unit, 64), overwrite=True)  # fmt: skip
     if kind == "clusters":
         return write_mock_clusters(store, n, seed=seed, rows_per_unit=rows_per_unit,
                                    rows_per_batch=min(256, rows_per_unit), overwrite=True)
@@ -142,7 +148,7 @@ def write_demo_mock(task: str, directory: Path, n: int, *, seed: int, rows_per_u
 
 # Rows mocked per task in the demo at most (cluster mocks are built star by star: ~100 per second per core;
 # mass_profiles: galaxies; their DFs take ~10-20 s to build).
-DEMO_MAX_ROWS = {"star_clusters": 1000, "mass_profiles": 300}
+DEMO_MAX_ROWS = {"star_clusters": 1000, "mass_profiles": 300, "property_maps": 512}
 
 
 def demo_mock_size(task: str, n: int) -> int:
@@ -155,6 +161,10 @@ def demo_summary(task: str, out_dir: Path, store: Path) -> str | None:
         from training.cluster_report import demo_summary as clusters_summary
 
         return clusters_summary(out_dir, store)
+    if task == "property_maps":
+        from training.mock_property_maps import demo_summary as maps_summary
+
+        return maps_summary(out_dir, store)
     if task == "mass_profiles":
         from training.mock_kinematics import demo_summary as kinematics_summary
 

@@ -8,6 +8,7 @@ from survey_infer.tasks.base import CutoutTask, OutputColumn, Task
 _TASK_MODULES = {
     "mass_profiles": "survey_infer.tasks.mass_profiles",
     "mass_to_light": "survey_infer.tasks.mass_to_light",
+    "property_maps": "survey_infer.tasks.property_maps",
     "sfh": "survey_infer.tasks.sfh",
     "star_clusters": "survey_infer.tasks.star_clusters",
 }

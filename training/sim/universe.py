@@ -52,6 +52,23 @@ C_KMS = 299_792.458
 ZONE_CENTRES_RD = np.array([0.6, 1.8, 3.5])  # disc zones, in disc scale lengths
 ARM_AGE_YR = 2e8
 MAP_NAMES = ("log_mstar", "log_age", "log_z", "log_sfr")  # per pixel: Msun, yr (mass-weighted), Z/Zsun, Msun/yr
+# property_maps (issue 5): six maps per galaxy on the image grid, surface densities so that they do not depend on
+# the pixel size; NaN marks an empty pixel (below EMPTY_BELOW of its map's quantity, or of the mass it weights)
+PROPERTY_MAP_NAMES = ("log_sigma_mstar", "log_z_star", "log_age_mw", "log_sigma_sfr", "log_sigma_gas", "log_z_gas")
+PROPERTY_MAP_UNITS = ("dex(solMass / kpc2)", "dex", "dex(yr)", "dex(solMass / (yr kpc2))", "dex(solMass / kpc2)", "dex")
+PROPERTY_MAP_DESCRIPTIONS = (
+    "stellar surface mass density (surviving mass)", "mass-weighted log10 stellar metallicity Z/Zsun",
+    "mass-weighted log10 stellar age", "star-formation-rate surface density (last 100 Myr)",
+    "gas surface mass density (star-forming + extended atomic disc)", "log10 gas-phase metallicity Z/Zsun",
+)  # fmt: skip
+# Empty pixels, like pixels without particles in a simulation: stellar or gas surface density below 0.1 Msun/pc^2,
+# SFR density below what the Kennicutt-Schmidt law gives for 0.1 Msun/pc^2 of gas.
+EMPTY_SIGMA_MSUN_KPC2 = 1e5
+KS_A = 2.5e-4  # Kennicutt (1998): Sigma_SFR [Msun/yr/kpc^2] = KS_A (Sigma_gas / 1 Msun pc^-2)^KS_N
+KS_N = 1.4
+EMPTY_SIGMA_SFR = KS_A * (EMPTY_SIGMA_MSUN_KPC2 / 1e6) ** KS_N
+HI_SATURATION_MSUN_KPC2 = 1e7  # atomic gas saturates at ~10 Msun/pc^2 (Bigiel et al. 2008)
+IMAGE_UNITS = ("log_scaled", "nmgy_arcsec2")  # per-cutout [-1, 1] log scaling, or linear surface brightness
 BATCH = 256
 
 
@@ -83,6 +100,7 @@ class SimulatedCutouts:
     columns: dict[str, np.ndarray]
     truth: dict[str, np.ndarray]
     maps: np.ndarray | None = None  # (N, len(MAP_NAMES), S, S) float32 in MAP_NAMES order, no PSF, no noise
+    property_maps: np.ndarray | None = None  # (N, 6, S, S) float32 in PROPERTY_MAP_NAMES order, NaN = empty
 
 
 # ----------------------------------------------------------------------------------------- populations
@@ -389,7 +407,8 @@ def _distances(rng: np.random.Generator, abs_mag_r: np.ndarray, observing: Obser
     return (D_MIN_MPC**3 + u * (d_hi**3 - D_MIN_MPC**3)) ** (1 / 3)
 
 
-def _simulate_batch(rng, n, size, bands, with_maps, table, observing: Observing = TRAINING_OBSERVING):
+def _simulate_batch(rng, n, size, bands, with_maps, table, observing: Observing = TRAINING_OBSERVING,
+                    gas_rng: np.random.Generator | None = None, image_units: str = "log_scaled"):
     g = _draw_galaxies(rng, n)
     comps = _components(g, table)
     # the spectroscopic limit uses rest-frame r-band magnitudes (the K-correction at z < 0.1 is small)
@@ -415,9 +434,16 @@ def _simulate_batch(rng, n, size, bands, with_maps, table, observing: Observing 
         variance = variance * native_per_pixel[:, None, None] * observing.noise_scale**2
         noisy = seeing[:, j] + rng.standard_normal(seeing[:, j].shape) * np.sqrt(variance)
         sky_sigma = np.sqrt(sky / ELECTRONS_PER_NMGY[band] * native_per_pixel) * observing.noise_scale
-        images[:, j] = log_scale(noisy, sky_sigma)
+        if image_units == "nmgy_arcsec2":  # linear surface brightness: the same draws, another scaling
+            images[:, j] = noisy / (pix_arcsec**2)[:, None, None]
+        else:
+            images[:, j] = log_scale(noisy, sky_sigma)
     truth = _truth(g, comps, geom, distance, redshift)
     maps = _maps(comps, profiles) if with_maps else None
+    if gas_rng is not None:  # its own generator: the galaxies, images and truth above do not change
+        pmaps, gas_truth = _property_maps(g, comps, profiles, geom, gas_rng)
+        truth.update(gas_truth, pix_arcsec=pix_arcsec)
+        maps = (maps, pmaps)
     return images, geom, distance, truth, maps
 
 
@@ -455,21 +481,102 @@ def _maps(comps, profiles) -> np.ndarray:
     return np.stack(stack, axis=1).astype(np.float32)
 
 
+def _disc_radius(geom, size: int, scale_kpc: np.ndarray) -> np.ndarray:
+    """In-plane radius of every pixel (N, S, S) in units of ``scale_kpc`` (N,), for the disc's inclination."""
+    f32 = np.float32
+    coords = (np.arange(size, dtype=f32) - f32((size - 1) / 2.0))[None] * geom["pix_kpc"][:, None].astype(f32)
+    x, y = coords[:, None, :], coords[:, :, None]
+    cos_pa = np.cos(geom["pa"]).astype(f32)[:, None, None]
+    sin_pa = np.sin(geom["pa"]).astype(f32)[:, None, None]
+    xr, yr = x * cos_pa + y * sin_pa, -x * sin_pa + y * cos_pa
+    yq = yr / geom["q_disc"].astype(f32)[:, None, None]
+    return np.sqrt(xr**2 + yq**2) / scale_kpc.astype(f32)[:, None, None]
+
+
+def _property_maps(g, comps, profiles, geom, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The six maps of PROPERTY_MAP_NAMES (N, 6, S, S) float32 (NaN = empty pixel) and per-galaxy gas truth.
+
+    Stars: every component's surviving mass, mass-weighted log age and log Z and its SFR (last 100 Myr) spread
+    on its own unit-sum profile: the same populations and profiles whose light makes the images.
+    Gas = star-forming gas + an extended atomic disc:
+    - star-forming gas is the Kennicutt (1998) law inverted on the stars' SFR map,
+      Sigma_sf = (Sigma_SFR / KS_A)^(1/KS_N) Msun/pc^2, so that Sigma_SFR = KS_A Sigma_sf^KS_N holds in every
+      pixel and the SFR map is the young stars' (arms, clumps, bursts included);
+    - the atomic disc is exponential with the stellar disc's inclination and position angle, scale length
+      1.5-3 R_d, mass from a gas-fraction scaling, log(M_HI/M*) = -0.3 - 0.5 (log M* - 10) +- 0.3 dex (x0.1
+      for quenched galaxies, x0.02 without a disc), saturating at 10 Msun/pc^2; it forms no stars (below the
+      star-formation threshold, as outer HI discs do).
+    Gas metallicity: log Z/Zsun = (the disc's stellar log Z) + 0.15 + gradient x (r/R_d - 0.6), the gradient
+    the stellar disc's plus N(-0.03, 0.02) dex per R_d (gas is younger and more enriched than its stars).
+    """
+    n, size = len(g["log_mstar"]), profiles["bulge"].shape[-1]
+    area = (geom["pix_kpc"] ** 2)[:, None, None]  # kpc^2 per pixel
+    mass = sum(c.mass[:, None, None] * profiles[k] for k, c in comps.items())
+    age = sum(c.mass[:, None, None] * c.log_age[:, None, None] * profiles[k] for k, c in comps.items())
+    metal = sum(c.mass[:, None, None] * c.log_z[:, None, None] * profiles[k] for k, c in comps.items())
+    sigma_sfr = sum(c.sfr[:, None, None] * profiles[k] for k, c in comps.items()) / area
+    sigma_mstar = mass / area
+    sigma_sf_gas = 1e6 * (np.maximum(sigma_sfr, 0.0) / KS_A) ** (1.0 / KS_N)  # Msun/kpc^2
+    frac = -0.3 - 0.5 * (g["log_mstar"] - 10.0) + rng.normal(0.0, 0.3, n)
+    frac = frac + np.where(g["quenched"], -1.0, 0.0) + np.where(g["bt"] >= 1.0, -1.7, 0.0)
+    m_hi = 10 ** (g["log_mstar"] + frac)
+    r_gas = geom["rd_kpc"] * rng.uniform(1.5, 3.0, n)
+    face_on = (m_hi / (2 * np.pi * r_gas**2))[:, None, None]
+    raw = face_on / geom["q_disc"][:, None, None] * np.exp(-_disc_radius(geom, size, r_gas))
+    sigma_hi = HI_SATURATION_MSUN_KPC2 * -np.expm1(-raw / HI_SATURATION_MSUN_KPC2)
+    sigma_gas = sigma_sf_gas + sigma_hi
+    gradient = g["z_gradient"] + rng.normal(-0.03, 0.02, n)
+    r_disc = _disc_radius(geom, size, geom["rd_kpc"])
+    z_gas = np.clip(g["log_z_disc"][:, None, None] + 0.15 + gradient[:, None, None] * (r_disc - ZONE_CENTRES_RD[0]),
+                    -2.0, 0.7)  # fmt: skip
+    stars = sigma_mstar >= EMPTY_SIGMA_MSUN_KPC2
+    gas = sigma_gas >= EMPTY_SIGMA_MSUN_KPC2
+    sfr = sigma_sfr >= EMPTY_SIGMA_SFR
+    safe = np.maximum(mass, 1e-30)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stack = [
+            np.where(stars, np.log10(np.maximum(sigma_mstar, 1e-30)), np.nan), np.where(stars, metal / safe, np.nan),
+            np.where(stars, age / safe, np.nan), np.where(sfr, np.log10(np.maximum(sigma_sfr, 1e-30)), np.nan),
+            np.where(gas, np.log10(np.maximum(sigma_gas, 1e-30)), np.nan), np.where(gas, z_gas, np.nan),
+        ]  # fmt: skip
+    in_fov = area[:, 0, 0]
+    truth = {
+        "log_mgas_fov": np.log10(np.maximum((sigma_gas.sum(axis=(1, 2))) * in_fov, 1e-30)),
+        "log_mstar_fov": np.log10((sigma_mstar.sum(axis=(1, 2))) * in_fov),
+        "log_sfr_fov": np.log10(np.maximum(sigma_sfr.sum(axis=(1, 2)) * in_fov, 1e-30)),
+        "log_mhi_disc": np.log10(m_hi), "r_gas_kpc": r_gas, "z_gas_gradient": gradient, "pix_kpc": geom["pix_kpc"],
+    }  # fmt: skip
+    return np.stack(stack, axis=1).astype(np.float32), truth
+
+
 def simulate(
     n: int, size: int = 69, seed: int = 0, first_id: int = 0, bands: tuple[str, ...] = ("g",), maps: bool = False,
-    observing: Observing = TRAINING_OBSERVING,
+    observing: Observing = TRAINING_OBSERVING, property_maps: bool = False, image_units: str = "log_scaled",
 ) -> SimulatedCutouts:
     """Simulate ``n`` galaxies as ``size``-pixel cutouts in ``bands`` with their truth (and maps if asked);
-    ``observing`` changes the observing conditions (default: the training mocks')."""
+    ``observing`` changes the observing conditions (default: the training mocks').
+
+    ``property_maps``: also the six maps of PROPERTY_MAP_NAMES (stars and gas, see `_property_maps`), drawn
+    from a second generator so that images and truth are those of the same seed without them.
+    ``image_units``: "log_scaled" (the workshop's per-cutout scaling) or "nmgy_arcsec2" (linear surface
+    brightness in nanomaggies per arcsec^2, sky subtracted, with its noise: what property_maps reads).
+    """
     unknown = set(bands) - set(BANDS)
     if unknown:
         raise ValueError(f"bands must be among {BANDS}; got {sorted(unknown)}")
+    if image_units not in IMAGE_UNITS:
+        raise ValueError(f"image_units must be one of {IMAGE_UNITS}; got {image_units!r}")
     rng = np.random.default_rng(seed)
+    gas_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 5])) if property_maps else None
     table = ssp_table()
-    images, truths, map_parts, geoms, distances = [], [], [], [], []
+    images, truths, map_parts, pmap_parts, geoms, distances = [], [], [], [], [], []
     for start in range(0, n, BATCH):
         count = min(BATCH, n - start)
-        img, geom, distance, truth, mp = _simulate_batch(rng, count, size, tuple(bands), maps, table, observing)
+        img, geom, distance, truth, mp = _simulate_batch(rng, count, size, tuple(bands), maps, table, observing,
+                                                         gas_rng=gas_rng, image_units=image_units)  # fmt: skip
+        if property_maps:
+            mp, pm = mp
+            pmap_parts.append(pm)
         images.append(img), truths.append(truth), geoms.append(geom), distances.append(distance)
         if maps:
             map_parts.append(mp)
@@ -486,4 +593,5 @@ def simulate(
     return SimulatedCutouts(
         images=np.concatenate(images), columns=columns, truth={"object_id": ids, **truth},
         maps=np.concatenate(map_parts) if maps else None,
+        property_maps=np.concatenate(pmap_parts) if property_maps else None,
     )  # fmt: skip
