@@ -86,6 +86,18 @@ def _add_ingest_parser(sub: argparse._SubParsersAction) -> None:
     kin.add_argument("--galaxies-per-unit", type=int, default=256, help="galaxies per unit of work (default 256)")
     kin.add_argument("--overwrite", action="store_true")
 
+    ifu = kinds.add_parser("ifu", help="MUSE-format FITS cubes (+ HST photometry maps) -> an ifu store (task sfh)",
+                           description="Reads DATA and STAT (variance) extensions with a 3-D WCS whose third axis "
+                                       "is wavelength (AWAV/WAVE); flux units converted to 1e-20 erg/s/cm2/A; "
+                                       "NaN spaxels kept (flagged nan_pixels by a run). One cube = one catalog row.")  # fmt: skip
+    ifu.add_argument("cubes", type=Path, nargs="+", help="FITS cube(s), then the store to write (Zarr v3) last")
+    ifu.add_argument("--photometry", action="append", default=[], metavar="BAND=FILE[,BAND=FILE...]",
+                     help="HST images on the cube's spaxel grid (F275W, F336W, F438W, F555W, F814W; f_lambda, an "
+                          "ERR or IVAR extension if any), once per cube in order")
+    ifu.add_argument("--redshift", type=float, action="append", default=[], help="each cube's redshift (default 0)")
+    ifu.add_argument("--spaxels-per-batch", type=int, default=256, help="spaxels read per batch (default 256)")
+    ifu.add_argument("--overwrite", action="store_true")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="survey-infer", description=__doc__.splitlines()[0])
@@ -99,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
 
     mock = sub.add_parser("mock", help="write a mock survey store with its truth")
-    mock.add_argument("kind", choices=["cutouts", "clusters", "kinematics"],
+    mock.add_argument("kind", choices=["cutouts", "clusters", "kinematics", "ifu"],
                       help="cutouts: mock galaxies (SDSS); clusters: mock M31 star clusters (HST, star_clusters); "
                            "kinematics: mock dwarf galaxies' stars (mass_profiles)")
     mock.add_argument("store", type=Path)
@@ -116,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="kinematics: the halo DF grid, tiny (8 DFs), small (24 DFs, ~1 min to build) or full "
                            "(the training grid, 104 DFs)")
     mock.add_argument("--position-unit", choices=["kpc", "arcsec"], default="kpc", help="kinematics: unit of x, y")
+    mock.add_argument("--cubes", type=int, default=4, help="ifu: mock cubes (default 4)")
+    mock.add_argument("--spaxels", type=int, default=24, help="ifu: spaxels per cube side (default 24)")
     mock.add_argument("--overwrite", action="store_true")
 
     train = sub.add_parser("train", help="train a bundle on simulated data (needs the training code)")
@@ -234,6 +248,16 @@ def cmd_mock(args: argparse.Namespace) -> int:
     from training.mock import write_mock_clusters, write_mock_cutouts
 
     tick = time.time()
+    if args.kind == "ifu":
+        from training.mock_ifu import truth_cubes_path, write_mock_ifu
+
+        try:
+            store = write_mock_ifu(args.store, args.cubes, size=args.spaxels, seed=args.seed, overwrite=args.overwrite)
+        except ValueError as exc:
+            raise RefusedError(f"mock ifu: {exc}") from exc
+        print(f"wrote {args.cubes} mock cubes of {args.spaxels}x{args.spaxels} spaxels to {store} (truth: "
+              f"{truth_cubes_path(store)}, {store}.truth.parquet) in {time.time() - tick:.1f} s")  # fmt: skip
+        return 0
     if args.kind == "kinematics":
         from training.mock_kinematics import write_mock_kinematics
 
@@ -265,6 +289,20 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from survey_infer.tiles import ingest_tiles, parse_images_spec
 
     tick = time.time()
+    if args.kind == "ifu":
+        from survey_infer.ifu import ingest_ifu
+
+        if len(args.cubes) < 2:
+            raise RefusedError("ingest ifu: give one or more FITS cubes, then the store to write")
+        *cube_files, store = args.cubes
+        summary = ingest_ifu(cube_files, store, photometry=[[p] for p in args.photometry] or None,
+                             redshifts=args.redshift or None, spaxels_per_batch=args.spaxels_per_batch,
+                             overwrite=args.overwrite)  # fmt: skip
+        print(f"wrote {summary['store']} in {time.time() - tick:.1f} s: {len(summary['cubes'])} cube(s)")
+        for name, cube in summary["cubes"].items():
+            print(f"  {name}: (L, Y, X) = {tuple(cube['shape'])}, {cube['wavelength'][0]:.1f}-{cube['wavelength'][1]:.1f} A, "
+                  f"z = {cube['redshift']}; " + "; ".join(summary["notes"][name]))  # fmt: skip
+        return 0
     if args.kind == "kinematics":
         from survey_infer.kinematics import ingest_kinematics
 
