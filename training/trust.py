@@ -59,7 +59,8 @@ THRESHOLD_QUANTILE = 0.99
 # heavy tails of mass_to_light's max-pooled features (uniform noise AUROC 0.94 -> 0.995); for star_clusters the
 # raw activations separate blank sky better (0.81 -> 0.94).
 # mass_profiles: "none" (its 32 features come out of a SiLU, which can be negative; not tuned on shifts).
-TRANSFORM = {"mass_to_light": "sqrt", "star_clusters": "none", "mass_profiles": "none"}
+TRANSFORM = {"mass_to_light": "sqrt", "star_clusters": "none", "mass_profiles": "none",
+             "property_maps": "none"}  # property_maps: mean-pooled bottleneck ReLUs; not tuned on shifts
 DEFAULT_TRANSFORM = "sqrt"
 Z_68, Z_95 = 1.0, 1.959964  # half-widths of the 68.27% and 95% Gaussian intervals, in sigma
 NOMINAL = {"68": 0.682689, "95": 0.95}
@@ -69,7 +70,9 @@ NOMINAL = {"68": 0.682689, "95": 0.95}
 # nor its reserved evaluation seeds (930_001-2, EVAL_SEEDS: bench/accuracy_mass_profiles.py, bench/ood.py).
 TRUST_SEEDS = {"mass_to_light": {"fit": 930_001, "held_out": 930_002},
                "star_clusters": {"fit": 931_001, "held_out": 931_002},
-               "mass_profiles": {"fit": 932_001, "held_out": 932_002}}  # fmt: skip
+               "mass_profiles": {"fit": 932_001, "held_out": 932_002},
+               # property_maps: not its training (5e6.., val 6e6..) nor reserved seeds (940_001, 933_001-2)
+               "property_maps": {"fit": 933_011, "held_out": 933_012}}  # fmt: skip
 FIRST_ID = 930_000_000
 BATCH = 256
 
@@ -139,10 +142,22 @@ def _mass_profiles_mocks(bundle: Bundle, n: int, seed: int, **_: Any) -> Sample:
     return galaxies_sample(sim.simulate_split(mass_profiles_halos(bundle), n, seed, 1, FIRST_ID))
 
 
+def _property_maps_mocks(bundle: Bundle, n: int, seed: int, **_: Any) -> Sample:
+    """ugriz galaxies with gas in linear surface brightness (training.mock_property_maps), the bundle's size and
+    bands; truth = the universe's per-galaxy truth (the maps themselves are not needed for the score)."""
+    from training.mock_property_maps import BANDS, simulate_block
+
+    size = int(bundle.input_spec["image"]["shape"][-1])
+    bands = tuple(bundle.input_spec["image"]["bands"])
+    sim = simulate_block(n, size, seed, FIRST_ID)
+    return Sample(np.ascontiguousarray(sim.images[:, [BANDS.index(b) for b in bands]]), sim.columns, sim.truth)
+
+
 # task -> in-distribution mocks (bundle, n, seed) -> Sample: the opt-in point of a task (see the module doc)
 SIMULATORS: dict[str, Callable[..., Sample]] = {"mass_to_light": _mass_to_light_mocks,
                                                 "star_clusters": _star_clusters_mocks,
-                                                "mass_profiles": _mass_profiles_mocks}  # fmt: skip
+                                                "mass_profiles": _mass_profiles_mocks,
+                                                "property_maps": _property_maps_mocks}  # fmt: skip
 
 
 def simulate_in_distribution(bundle: Bundle, n: int, seed: int, **observing: Any) -> Sample:
