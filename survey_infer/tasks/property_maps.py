@@ -143,14 +143,16 @@ class PropertyMaps(CutoutTask):
             pixel_scale = np.where(known & np.isfinite(distance) & (distance > 0), pix_kpc / distance * 206.264806,
                                    np.nan)  # fmt: skip
             mass = np.nan_to_num(10.0 ** maps[:, 0].astype(np.float64), nan=0.0)  # Msun/kpc^2, 0 where empty
-            total_mass = mass.sum(axis=(1, 2))
             sums = {}
             for col, k in (("log_mstar_map", 0), ("log_sfr_map", 3), ("log_mgas_map", 4)):
                 total = np.nan_to_num(10.0 ** maps[:, k].astype(np.float64), nan=0.0).sum(axis=(1, 2)) * area[:, 0, 0]
                 sums[col] = np.log10(total)  # -inf: every pixel predicted empty (e.g. no star formation)
             for col, k in (("log_age_map", 2), ("log_z_star_map", 1)):
-                values = np.nan_to_num(maps[:, k].astype(np.float64), nan=0.0)
-                sums[col] = np.where(total_mass > 0, (mass * values).sum(axis=(1, 2)) / total_mass, np.nan)
+                finite = np.isfinite(maps[:, k])
+                weight = np.where(finite, mass, 0.0)
+                values = np.where(finite, maps[:, k].astype(np.float64), 0.0)
+                weight_sum = weight.sum(axis=(1, 2))
+                sums[col] = np.where(weight_sum > 0, (weight * values).sum(axis=(1, 2)) / weight_sum, np.nan)
         sums["empty_fraction"] = empty[:, 0].mean(axis=(1, 2))
         result = {}
         for col, _, _ in SUMMARIES:
