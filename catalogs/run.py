@@ -4,7 +4,8 @@ A run directory (see ``survey_infer.paths``) holds ``run.json``, ``parts/`` (the
 ``catalog/`` (a HATS collection: the object catalog plus a margin cache, made by hats-import) and, for tasks
 that make them, ``maps.zarr`` and ``sfh.zarr``:
 
-- ``maps.zarr``: arrays ``maps`` (N, P, H, W) and ``object_id`` (N,); attrs ``names`` and ``units`` (P each)
+- ``maps.zarr``: arrays ``maps`` (N, P, H, W) and ``object_id`` (N,); attrs ``names`` and ``units`` (P each;
+  the group's, or the ``maps`` array's as a run writes them)
   and ``pixel_scale_arcsec`` (a number, or an array ``pixel_scale_arcsec`` (N,)). Map pixels are centred on
   the object's ra/dec from the catalog.
 - ``sfh.zarr``: one group per cube id holding ``sfh`` and ``metallicity`` (bins, Y, X) and 2-D mean maps;
@@ -125,7 +126,8 @@ class RunCatalog(Selection):
             raise KeyError(f"object_id {object_id} has no maps in {store}")
         row = int(rows[0])
         cube = np.asarray(group["maps"][row])
-        names, units = list(group.attrs["names"]), list(group.attrs.get("units", [""] * cube.shape[0]))
+        attrs = group.attrs if "names" in group.attrs else group["maps"].attrs  # run outputs: the array's attrs
+        names, units = list(attrs["names"]), list(attrs.get("units", [""] * cube.shape[0]))
         data = {n: cube[k] * (parse_unit(units[k]) or u.dimensionless_unscaled) for k, n in enumerate(names)}
         scale = group.attrs.get("pixel_scale_arcsec")
         if scale is None:

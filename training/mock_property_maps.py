@@ -138,3 +138,30 @@ def demo_summary(out_dir: Path, store: Path) -> str:
     deltas = map_residuals(true, pred)
     parts = [f"{name.removeprefix('log_')} {np.mean(d):+.2f}/{np.std(d):.2f}" for name, d in zip(PROPERTY_MAP_NAMES, deltas)]
     return "maps vs truth inside 2 R_half, bias/scatter dex: " + ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m training.mock_property_maps STORE --n N [--size 64] [--seed S] [--bands u,g,r,i,z]``."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("store", type=Path)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bands", default=",".join(BANDS))
+    parser.add_argument("--rows-per-unit", type=int, default=256)
+    parser.add_argument("--rows-per-batch", type=int, default=64)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    tick = time.time()
+    store = write_mock_property_maps(args.store, args.n, size=args.size, seed=args.seed,
+                                     bands=tuple(args.bands.split(",")), rows_per_unit=args.rows_per_unit,
+                                     rows_per_batch=args.rows_per_batch, overwrite=args.overwrite)  # fmt: skip
+    print(f"wrote {args.n} mock galaxies to {store} (truth: {truth_path(store)}, maps: {truth_maps_path(store)}) "
+          f"in {time.time() - tick:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
