@@ -201,6 +201,14 @@ def _check_columns(arrays: dict[str, zarr.Array], wanted: dict[str, np.dtype], w
     return lengths.pop()
 
 
+def _read(arrays: dict[str, zarr.Array], name: str, where: str, rows: slice = slice(None)) -> np.ndarray:
+    """A column's rows; a damaged chunk is refused naming the column (zarr and its codecs raise many types)."""
+    try:
+        return np.asarray(arrays[name][rows])
+    except Exception as exc:
+        raise StoreError(f"column '{name}' in {where} cannot be read: {type(exc).__name__}: {exc}") from exc
+
+
 def open_kinematics(path: str | Path) -> KinematicsStoreInfo:
     """Open and validate a `kinematics` store; refuse it with a message naming the group and column at fault.
 
@@ -222,31 +230,31 @@ def open_kinematics(path: str | Path) -> KinematicsStoreInfo:
     where_s = f"group '{STARS_GROUP}' of {path}"
     if n_gal == 0:
         raise StoreError(f"{where_g} has no galaxies")
-    ids = np.asarray(galaxies["galaxy_id"][:])
+    ids = _read(galaxies, "galaxy_id", where_g)
     bad = np.flatnonzero(np.diff(ids) <= 0)
     if bad.size:
         raise StoreError(f"column 'galaxy_id' in {where_g} is not strictly increasing (rows {(bad[:5] + 1).tolist()}); "
                          "galaxies must be sorted by id, each once")  # fmt: skip
-    start = np.asarray(galaxies["star_start"][:])
-    count = np.asarray(galaxies["star_count"][:])
+    start = _read(galaxies, "star_start", where_g)
+    count = _read(galaxies, "star_count", where_g)
     if (count < 0).any() or start[0] != 0 or np.any(start[1:] != start[:-1] + count[:-1]) or start[-1] + count[-1] != n_stars:
         raise StoreError(f"columns 'star_start'/'star_count' in {where_g} do not cut the {n_stars} stars into "
                          "contiguous per-galaxy slices in galaxy order")  # fmt: skip
     for name, (lo, hi) in {"ra": (-360.0, 720.0), "dec": (-90.0, 90.0)}.items():
-        values = np.asarray(galaxies[name][:], np.float64)
+        values = _read(galaxies, name, where_g).astype(np.float64)
         with np.errstate(invalid="ignore"):
             wrong = np.flatnonzero(~np.isfinite(values) | (values < lo) | (values > hi))
         if wrong.size:
             raise StoreError(f"column '{name}' in {where_g} has {wrong.size} non-finite or out-of-range values "
                              f"(galaxy ids {ids[wrong[:5]].tolist()}); every galaxy needs a sky position in degrees")  # fmt: skip
-    distance = np.asarray(galaxies["distance_mpc"][:], np.float64)
+    distance = _read(galaxies, "distance_mpc", where_g).astype(np.float64)
     if unit == "arcsec":
         wrong = np.flatnonzero(~(np.isfinite(distance) & (distance > 0)))
         if wrong.size:
             raise StoreError(f"column 'distance_mpc' in {where_g} has {wrong.size} missing or non-positive values "
                              f"(galaxy ids {ids[wrong[:5]].tolist()}); positions in arcsec need a distance")  # fmt: skip
     if "r_half" in galaxies:
-        r_half = np.asarray(galaxies["r_half"][:], np.float64)
+        r_half = _read(galaxies, "r_half", where_g).astype(np.float64)
         with np.errstate(invalid="ignore"):
             wrong = np.flatnonzero(r_half <= 0)
         if wrong.size:
@@ -254,13 +262,13 @@ def open_kinematics(path: str | Path) -> KinematicsStoreInfo:
     owner = np.repeat(ids, count)
     for lo in range(0, n_stars, VALIDATE_PIECE):
         hi = min(lo + VALIDATE_PIECE, n_stars)
-        gid = np.asarray(stars["galaxy_id"][lo:hi])
+        gid = _read(stars, "galaxy_id", where_s, slice(lo, hi))
         wrong = np.flatnonzero(gid != owner[lo:hi])
         if wrong.size:
             raise StoreError(f"column 'galaxy_id' in {where_s} does not match the galaxies' star_start/star_count "
                              f"at star rows {(wrong[:5] + lo).tolist()}: stars must be sorted by galaxy id")  # fmt: skip
         for name in ("x", "y", "v_los", "v_err"):
-            values = np.asarray(stars[name][lo:hi], np.float64)
+            values = _read(stars, name, where_s, slice(lo, hi)).astype(np.float64)
             wrong = np.flatnonzero(~np.isfinite(values) | ((values < 0) if name == "v_err" else False))
             if wrong.size:
                 what = "NaN, infinite or negative" if name == "v_err" else "NaN or infinite"

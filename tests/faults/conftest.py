@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from distributed import Client, LocalCluster
 
-from tests.faults.helpers import remove_worker_faults, write_noise_store
+from tests.faults.helpers import FaultCase, remove_worker_faults, write_noise_store
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +29,39 @@ def noise_store(tmp_path_factory) -> Path:
     return write_noise_store(tmp_path_factory.mktemp("fault_cutouts") / "noise.zarr", 640, rows_per_unit=64)
 
 
-@pytest.fixture(params=["cutouts", "tiles"])
-def store(request, noise_store, tiles_store) -> Path:
-    """Each store kind that has landed."""
-    return {"cutouts": noise_store, "tiles": tiles_store}[request.param]
+@pytest.fixture(scope="session")
+def kinematics_store(tmp_path_factory) -> Path:
+    """48 mock galaxies (the demo's tiny DF grid) in 4 units of 12."""
+    from training.mock_kinematics import write_mock_kinematics
+
+    store = tmp_path_factory.mktemp("fault_kinematics") / "kin.zarr"
+    return write_mock_kinematics(store, 48, seed=3, grid="tiny", galaxies_per_unit=12)
+
+
+# Each store kind that has landed, with a task that reads it (`case`, parametrised indirectly by kind; see
+# helpers.case_params). The kinematics case runs the shipped mass_profiles bundle with 20 posterior samples per
+# galaxy (the flow's sampling is the costly part).
+@pytest.fixture
+def case(request) -> FaultCase:
+    return request.getfixturevalue(f"case_{request.param}")
+
+
+@pytest.fixture
+def case_cutouts(noise_store, tiny_bundle) -> FaultCase:
+    return FaultCase("cutouts", noise_store, "mass_to_light", tiny_bundle)
+
+
+@pytest.fixture
+def case_tiles(tiles_store, tiny_bundle) -> FaultCase:
+    return FaultCase("tiles", tiles_store, "mass_to_light", tiny_bundle)
+
+
+@pytest.fixture
+def case_kinematics(kinematics_store) -> FaultCase:
+    from survey_infer.bundle import default_bundle_path
+
+    return FaultCase("kinematics", kinematics_store, "mass_profiles", default_bundle_path("mass_profiles"),
+                     ("--task-option", "samples=20"))  # fmt: skip
 
 
 @pytest.fixture(scope="session")

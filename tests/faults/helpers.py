@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,25 @@ import numpy as np
 import pyarrow.parquet as pq
 import zarr
 
-RUN_CLI = [sys.executable, "-m", "survey_infer.cli", "run", "mass_to_light"]
+
+
+@dataclass(frozen=True)
+class FaultCase:
+    """One store kind under test: its store, the task that reads it, the bundle, and run options."""
+
+    kind: str
+    store: Path
+    task: str
+    bundle: Path
+    options: tuple[str, ...] = ()  # extra `survey-infer run` arguments (e.g. a cheaper --task-option)
+
+    def argv(self, out: Path, *extra: str) -> list[str]:
+        """`survey-infer run` arguments (without the program) for this case into ``out``."""
+        return ["run", self.task, "--input", str(self.store), "--output", str(out), "--bundle", str(self.bundle),
+                "--engine", "torch", "--no-progress", *self.options, *extra]  # fmt: skip
+
+    def with_store(self, store: Path) -> "FaultCase":
+        return FaultCase(self.kind, Path(store), self.task, self.bundle, self.options)
 
 
 # ------------------------------------------------------------------------------------------------ stores
@@ -46,26 +65,43 @@ def write_noise_store(path: Path, n_rows: int, rows_per_unit: int = 64, seed: in
     return Path(path)
 
 
-def store_ids(store: Path) -> np.ndarray:
-    """Every object id of a cutouts or tiles store, sorted."""
+# Parametrisations of the ``case`` fixture (tests/faults/conftest.py): the fast kinds by default, cutouts `slow`.
+def case_params():
+    import pytest
+
+    return ["tiles", "kinematics", pytest.param("cutouts", marks=pytest.mark.slow)]
+
+
+ID_ARRAYS = ("sources/object_id", "galaxies/galaxy_id", "object_id")  # tiles, kinematics, cutouts
+
+
+def _id_array(store: Path) -> zarr.Array:
     group = zarr.open_group(str(store), mode="r")
-    ids = group["sources/object_id"][:] if "sources" in group else group["object_id"][:]
-    return np.sort(np.asarray(ids))
+    return next(group[name] for name in ID_ARRAYS if name in group)
 
 
-def n_units(store: Path) -> int:
+def store_ids(store: Path) -> np.ndarray:
+    """Every row id of a store (the catalog's object_id), sorted."""
+    return np.sort(np.asarray(_id_array(store)[:]))
+
+
+def _plan(case: FaultCase):
     from survey_infer.config import RunConfig
     from survey_infer.pipeline import plan_run
 
-    return plan_run(RunConfig(task="mass_to_light", input=store, output=store.parent / "_probe_out")).n_units
+    return plan_run(RunConfig(task=case.task, input=case.store, output=case.store.parent / "_probe_out"))
+
+
+def n_units(case: FaultCase) -> int:
+    return _plan(case).n_units
 
 
 # ---------------------------------------------------------------------------------------------- CLI runs
 
 
-def run_argv(store: Path, out: Path, bundle: Path, *extra: str) -> list[str]:
-    return RUN_CLI + ["--input", str(store), "--output", str(out), "--bundle", str(bundle), "--engine", "torch",
-                      "--no-progress", *extra]  # fmt: skip
+def run_argv(case: FaultCase, out: Path, *extra: str) -> list[str]:
+    """The `survey-infer run` command line of ``case`` as a subprocess."""
+    return [sys.executable, "-m", "survey_infer.cli", *case.argv(out, *extra)]
 
 
 def run_cli(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -216,6 +252,9 @@ class _RaisingTask:
     def __getattr__(self, name):
         return getattr(self._task, name)
 
+    def with_options(self, options):  # the run's --task-option: the configured task still raises
+        return _RaisingTask(self._task.with_options(options), self._object_id, self._fire)
+
     def postprocess(self, outputs, columns, flags, bundle):
         if self._object_id in np.asarray(columns["object_id"]) and self._fire():
             raise RuntimeError(f"injected fault in the unit holding object {self._object_id}")
@@ -231,13 +270,9 @@ def set_file_size_limit(limit: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (hard if limit is None else limit, hard))
 
 
-def unit_rows(store: Path, unit: int) -> tuple[int, int]:
-    from survey_infer.config import RunConfig
-    from survey_infer.pipeline import plan_run
-
-    return plan_run(RunConfig(task="mass_to_light", input=store, output=store.parent / "_probe_out")).spec.rows(unit)
+def unit_rows(case: FaultCase, unit: int) -> tuple[int, int]:
+    return _plan(case).spec.rows(unit)
 
 
 def object_id_at(store: Path, row: int) -> int:
-    group = zarr.open_group(str(store), mode="r")
-    return int((group["sources/object_id"] if "sources" in group else group["object_id"])[row])
+    return int(_id_array(store)[row])

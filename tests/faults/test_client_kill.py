@@ -26,18 +26,18 @@ from tests.faults.helpers import (
     wait_for,
 )
 
-CASES = [("tiles", 0), pytest.param("tiles", "catalog", marks=pytest.mark.slow)] + [
+CASES = [("tiles", 0), ("kinematics", 0), pytest.param("tiles", "catalog", marks=pytest.mark.slow)] + [
     pytest.param(kind, seed, marks=pytest.mark.slow) for kind in ("cutouts", "tiles") for seed in (1, 2, 3)
 ] + [pytest.param("cutouts", "catalog", marks=pytest.mark.slow)]  # fmt: skip
 
 
-@pytest.mark.parametrize("store, seed", CASES, indirect=["store"])
-def test_client_sigkilled_then_the_same_command_finishes(store, seed, tiny_bundle, tmp_path):
+@pytest.mark.parametrize("case, seed", CASES, indirect=["case"])
+def test_client_sigkilled_then_the_same_command_finishes(case, seed, tmp_path):
     out = tmp_path / "out"
     # hats-import takes ~25 s for any catalog on one thread: only the runs killed while building it build one.
     no_catalog = [] if seed == "catalog" else ["--no-catalog"]
-    argv = run_argv(store, out, tiny_bundle, "--threads-per-worker", "1", "--max-in-flight", "1", *no_catalog)
-    total = n_units(store)
+    argv = run_argv(case, out, "--threads-per-worker", "1", "--max-in-flight", "1", *no_catalog)
+    total = n_units(case)
     first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if seed == "catalog":  # every unit done: the client is building the catalog
         wait_for(lambda: len(done_units(out)) == total, 180, "every unit done", first)
@@ -60,11 +60,11 @@ def test_client_sigkilled_then_the_same_command_finishes(store, seed, tiny_bundl
     finished = record(out)
     assert finished["status"] == "complete" and finished["failures"] == []
     assert finished["units"]["done"] == total and finished["units"]["skipped"] >= len(done_before) - 1
-    assert_rows_exactly_once(out, store_ids(store))
+    assert_rows_exactly_once(out, store_ids(case.store))
     assert temp_files(out) == []
     if no_catalog:
         return
     import lsdb
 
     catalog = lsdb.open_catalog(out / "catalog").compute()
-    assert sorted(catalog["object_id"]) == sorted(store_ids(store))
+    assert sorted(catalog["object_id"]) == sorted(store_ids(case.store))

@@ -13,6 +13,7 @@ import pytest
 
 from tests.faults.helpers import (
     assert_rows_exactly_once,
+    case_params,
     install_worker_fault,
     n_units,
     record,
@@ -23,11 +24,11 @@ from tests.faults.helpers import (
 )
 
 
-@pytest.mark.parametrize("store", ["tiles", pytest.param("cutouts", marks=pytest.mark.slow)], indirect=True)
-def test_two_runs_started_at_once_one_refuses(client, store, tiny_bundle, tmp_path):
+@pytest.mark.parametrize("case", case_params(), indirect=True)
+def test_two_runs_started_at_once_one_refuses(client, case, tmp_path):
     out, gate = tmp_path / "out", tmp_path / "gate"
     client.run(install_worker_fault, "gate", -1, str(gate))
-    argv = run_argv(store, out, tiny_bundle, "--no-catalog", "--scheduler", client.scheduler.address)
+    argv = run_argv(case, out, "--no-catalog", "--scheduler", client.scheduler.address)
     runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         wait_for(lambda: any(p.poll() is not None for p in runs), 120, "one of the two runs to end")
@@ -42,10 +43,10 @@ def test_two_runs_started_at_once_one_refuses(client, store, tiny_bundle, tmp_pa
         gate.touch()  # let the winner's units through
     winner_out, winner_err = winner.communicate(timeout=240)
     assert winner.returncode == 0, winner_err
-    assert record(out)["units"]["done"] == n_units(store) and record(out)["failures"] == []
-    assert_rows_exactly_once(out, store_ids(store))
+    assert record(out)["units"]["done"] == n_units(case) and record(out)["failures"] == []
+    assert_rows_exactly_once(out, store_ids(case.store))
 
     third = run_cli(argv)
     assert third.returncode == 0, third.stderr
-    assert record(out)["units"]["skipped"] == n_units(store) and record(out)["units"]["ran"] == 0
-    assert_rows_exactly_once(out, store_ids(store))
+    assert record(out)["units"]["skipped"] == n_units(case) and record(out)["units"]["ran"] == 0
+    assert_rows_exactly_once(out, store_ids(case.store))

@@ -17,7 +17,9 @@ import pytest
 from survey_infer.config import RunConfig
 from survey_infer.pipeline import run_pipeline
 from tests.faults.helpers import (
+    FaultCase,
     assert_rows_exactly_once,
+    case_params,
     done_units,
     install_worker_fault,
     store_ids,
@@ -27,25 +29,26 @@ from tests.faults.helpers import (
 )
 
 
-def config_for(store, out, bundle, **kwargs) -> RunConfig:
-    return RunConfig(task="mass_to_light", input=store, output=out, bundle=bundle, engine="torch", progress=False,
-                     build_catalog=False, **kwargs)  # fmt: skip
+def config_for(case: FaultCase, out, **kwargs) -> RunConfig:
+    options = dict(o.split("=", 1) for o in case.options[1::2]) if case.options else None  # --task-option K=V
+    return RunConfig(task=case.task, input=case.store, output=out, bundle=case.bundle, engine="torch", progress=False,
+                     build_catalog=False, task_options=options, **kwargs)  # fmt: skip
 
 
 @pytest.mark.parametrize("point", ["kill_reading", "kill_writing_part", "kill_before_marker"])
-@pytest.mark.parametrize("store", ["tiles", pytest.param("cutouts", marks=pytest.mark.slow)], indirect=True)
-def test_worker_sigkilled_inside_a_unit(client, store, tiny_bundle, tmp_path, point):
+@pytest.mark.parametrize("case", case_params(), indirect=True)
+def test_worker_sigkilled_inside_a_unit(client, case, tmp_path, point):
     out, flag = tmp_path / "out", tmp_path / "fired"
     pids = set(client.run(os.getpid).values())
     client.run(install_worker_fault, point, 1, str(flag))
-    result = run_pipeline(config_for(store, out, tiny_bundle, max_in_flight=2), client)
+    result = run_pipeline(config_for(case, out, max_in_flight=2), client)
     assert flag.exists(), "the fault never fired"
     client.wait_for_workers(2, timeout=60)
     assert set(client.run(os.getpid).values()) != pids, "no worker was killed"
     record = result.record
     assert result.exit_code == 0, record["failures"]
     assert record["units"]["failed"] == 0 and record["units"]["done"] == record["units"]["total"]
-    assert_rows_exactly_once(out, store_ids(store))
+    assert_rows_exactly_once(out, store_ids(case.store))
     assert temp_files(out) == []  # the half-written temp part of kill_writing_part was cleared
 
 
@@ -56,7 +59,7 @@ def test_worker_sigkilled_at_a_random_time(client, tiny_bundle, tmp_path, seed):
     out = tmp_path / "out"
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(r=run_pipeline(
-        config_for(store, out, tiny_bundle, max_in_flight=2), client)))  # fmt: skip
+        config_for(FaultCase("cutouts", store, "mass_to_light", tiny_bundle), out, max_in_flight=2), client)))  # fmt: skip
     thread.start()
     after = rng.randrange(0, 15)
     wait_for(lambda: len(done_units(out)) >= after or not thread.is_alive(), 120, f"{after} units done")
