@@ -19,6 +19,7 @@ reads its galaxies ``galaxies_per_batch`` at a time and hands each batch to the 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -171,7 +172,11 @@ def write_kinematics_store(
             raise StoreError(f"galaxy column {name!r} has shape {values.shape}; ({n_gal},) was expected")
         dtype = GALAXY_COLUMNS.get(name) or OPTIONAL_GALAXY_COLUMNS.get(name) or values.dtype
         gg.create_array(name, shape=(n_gal,), chunks=(galaxies_per_unit,), dtype=dtype)[:] = values.astype(dtype)
-    open_kinematics(path)
+    try:
+        open_kinematics(path)
+    except StoreError:  # a refused store is not left behind half-valid
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     return path
 
 

@@ -263,3 +263,71 @@ def test_tiles_ingest_refuses_cleanly_or_keeps_every_source_once(inputs):
         assert summary["sources"] == info.n_rows == n
         assert summary["off_tile"] + sum(summary["tiles"].values()) == n
         assert summary["off_tile"] >= inputs["coords"].count("off")  # a degree away: on no tile, kept
+
+
+@st.composite
+def star_tables(draw) -> dict:
+    """A star table with random damage: NaN/inf/negative values, a missing or text column, varying galaxy-level
+    columns, galaxies listed out of order."""
+    n_gal = draw(st.integers(1, 4))
+    counts = draw(st.lists(st.integers(0, 5), min_size=n_gal, max_size=n_gal))
+    return {
+        "counts": counts,
+        "damage": draw(st.sampled_from(["none", "nan_x", "inf_v", "neg_err", "missing_v_err", "text_x",
+                                        "ra_varies", "dec_over_90", "shuffled", "float_ids"])),
+        "format": draw(st.sampled_from([".ecsv", ".fits", ".parquet", ".csv"])),
+    }  # fmt: skip
+
+
+@FAST
+@given(inputs=star_tables())
+def test_kinematics_ingest_refuses_cleanly_or_keeps_every_star_once(inputs):
+    from survey_infer.kinematics import ingest_kinematics, open_kinematics
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tmp = Path(tmp)
+        rng = np.random.default_rng(0)
+        gid = np.repeat(np.arange(len(inputs["counts"])) * 7 + 3, inputs["counts"])
+        n, damage = len(gid), inputs["damage"]
+        columns = {"galaxy_id": gid, "x": rng.normal(0, 0.3, n), "y": rng.normal(0, 0.3, n),
+                   "v_los": rng.normal(0, 10, n), "v_err": rng.uniform(1, 3, n), "ra": 150.0 + gid * 0.01,
+                   "dec": np.full(n, 2.0), "distance_mpc": np.full(n, 0.1)}  # fmt: skip
+        if n and damage == "nan_x":
+            columns["x"][n // 2] = np.nan
+        if n and damage == "inf_v":
+            columns["v_los"][0] = np.inf
+        if n and damage == "neg_err":
+            columns["v_err"][-1] = -1.0
+        if damage == "missing_v_err":
+            del columns["v_err"]
+        if damage == "text_x":
+            columns["x"] = np.array([f"x{i}" for i in range(n)])
+        if n > 1 and damage == "ra_varies" and gid[0] == gid[1]:
+            columns["ra"] = columns["ra"] + np.arange(n) * 0.1
+        if damage == "dec_over_90":
+            columns["dec"] = np.full(n, 91.0)
+        if damage == "float_ids":
+            columns["galaxy_id"] = gid + 0.5
+        order = rng.permutation(n) if damage == "shuffled" else np.arange(n)
+        table = Table({k: np.asarray(v)[order] for k, v in columns.items()})
+        path = tmp / f"stars{inputs['format']}"
+        table.write(path)
+        store = tmp / "kin.zarr"
+        try:
+            ingest_kinematics(path, store)
+        except StoreError as exc:
+            message = str(exc)
+            assert str(path) in message or re.search(r"'(x|y|v_los|v_err|ra|dec|galaxy_id)'", message) or \
+                "no galaxies" in message or "a kinematics store needs" in message, message
+            assert not store.exists(), message  # a refused ingest writes nothing
+            event("refused: " + re.sub(r"/\S+", "PATH", message)[:40])
+            return
+        event("ingested")
+        assert n > 0 and damage in ("none", "shuffled", "ra_varies"), damage
+        info = open_kinematics(store)
+        group = zarr.open_group(str(store), mode="r")
+        assert info.n_rows == len(np.unique(gid)) and info.n_stars == n
+        np.testing.assert_array_equal(group["galaxies/star_count"][:], np.bincount(np.unique(gid, return_inverse=True)[1]))
+        stored = np.sort(np.asarray(group["stars/v_los"][:]))
+        np.testing.assert_allclose(stored, np.sort(columns["v_los"]))  # every star once, nothing altered
