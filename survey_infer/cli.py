@@ -31,6 +31,18 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LocalCluster workers as threads of this process: faster, no fault isolation")
     parser.add_argument("--engine-threads", type=int, help="threads per inference call (default: cores left per thread)")
     parser.add_argument("--scheduler", help="address of a running Dask scheduler instead of a LocalCluster")
+    parser.add_argument("--cluster", default="local", choices=["local", "cuda", "slurm", "pbs"],
+                        help="local: LocalCluster (default); cuda: dask-cuda, one worker per GPU; slurm|pbs: "
+                             "dask-jobqueue batch jobs, one worker each (--jobs, --cores, --memory, ...)")
+    parser.add_argument("--jobs", type=int, help="slurm|pbs: batch jobs, one Dask worker each (default 1)")
+    parser.add_argument("--cores", type=int, help="slurm|pbs: cores (worker threads) per job (default 1)")
+    parser.add_argument("--memory", help="slurm|pbs: memory per job, e.g. 16GB (default 4GB)")
+    parser.add_argument("--walltime", help="slurm|pbs: job time limit, HH:MM:SS (default 01:00:00)")
+    parser.add_argument("--queue", help="slurm|pbs: partition / queue")
+    parser.add_argument("--account", help="slurm|pbs: account / project to charge")
+    parser.add_argument("--interface", help="slurm|pbs: network interface of scheduler and workers, e.g. lo or ib0")
+    parser.add_argument("--worker-wait", type=float, metavar="SECONDS",
+                        help="slurm|pbs: refuse the run if no worker joined after this long (default: wait)")
     parser.add_argument("--rows-per-unit", type=int, help="rows per unit of work (multiple of the store's blocks)")
     parser.add_argument("--max-in-flight", type=int, help="units in flight at once (default 2 per worker thread)")
     parser.add_argument("--retries", type=int, default=2, help="retries of a failing unit (default 2)")
@@ -154,6 +166,35 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a bundle's model.onnx (deploy)")
     export.add_argument("bundle", type=Path)
 
+    submit = sub.add_parser("submit", help="write a batch script (sbatch/qsub) that runs one whole `run` as one job, "
+                                           "and submit it",
+                            description="For sites that forbid long-lived schedulers on login nodes: the job runs "
+                                        "`survey-infer run` with its own LocalCluster (or --cluster cuda) on the node "
+                                        "it gets. --cores/--memory/--walltime/--queue/--account size the job.")  # fmt: skip
+    submit.add_argument("task", help="task id (see `survey-infer bundles`)")
+    submit.add_argument("--input", type=Path, required=True, help="input survey store (Zarr v3)")
+    submit.add_argument("--output", type=Path, required=True, help="output directory")
+    _add_run_arguments(submit)
+    submit.add_argument("--system", choices=["slurm", "pbs"], help="batch system (default: slurm if sbatch is on PATH, else pbs)")
+    submit.add_argument("--gpus", type=int, help="GPUs to ask for (slurm --gres=gpu:N, pbs ngpus=N)")
+    submit.add_argument("--job-name", default="survey-infer", help="batch job name (default survey-infer)")
+    submit.add_argument("--setup", action="append", default=[], metavar="SHELL",
+                        help="a shell line run before the job's command, e.g. 'module load cuda'; repeatable")
+    submit.add_argument("--script", type=Path, help="where to write the script (default OUTPUT.job.sh beside --output)")
+    submit.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+
+    build_engine = sub.add_parser("build-engine", help="build and cache a bundle's TensorRT plan for this GPU (deploy)",
+                                  description="Builds from the bundle's model.onnx with one optimisation profile "
+                                              "(batch 1 / opt / max) and caches it under the key ONNX sha256, TensorRT "
+                                              "version, compute capability, precision, profile; a cached plan whose "
+                                              "key matches is kept.")  # fmt: skip
+    build_engine.add_argument("bundle", type=Path)
+    build_engine.add_argument("--precision", choices=["fp16", "fp32", "int8"], default="fp16", help="default fp16")
+    build_engine.add_argument("--max-batch", type=int, default=1024, help="largest batch of the profile (default 1024)")
+    build_engine.add_argument("--opt-batch", type=int, help="batch the kernels are tuned for (default min(256, max))")
+    build_engine.add_argument("--calibration", type=Path, help="int8: a cutouts store to calibrate on")
+    build_engine.add_argument("--force", action="store_true", help="rebuild even if a matching plan is cached")
+
     quantize = sub.add_parser("quantize", help="write a bundle's INT8 model.int8.onnx for the CPU (deploy)")
     quantize.add_argument("bundle", type=Path)
     quantize.add_argument("--calibration", type=Path, required=True, help="cutouts store to calibrate on")
@@ -218,6 +259,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         engine_threads=args.engine_threads, scheduler=args.scheduler, rows_per_unit=args.rows_per_unit,
         max_in_flight=args.max_in_flight, retries=args.retries, overwrite=args.overwrite,
         build_catalog=not args.no_catalog, progress=not args.no_progress, task_options=_task_options(args.task_option), ood_threshold=args.ood_threshold,
+        cluster=args.cluster, jobs=args.jobs, cores=args.cores, memory=args.memory, walltime=args.walltime,
+        queue=args.queue, account=args.account, interface=args.interface, worker_wait=args.worker_wait,
     )  # fmt: skip
     plan = plan_run(config)
     with client_for(config) as client:
@@ -347,6 +390,72 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+JOB_RESOURCES = ("cores", "memory", "walltime", "queue", "account")
+
+
+def _run_argv(args: argparse.Namespace) -> list[str]:
+    """The `survey-infer run` arguments equivalent to ``args`` (a parsed `submit`), without the job's own."""
+    probe = argparse.ArgumentParser(add_help=False)
+    _add_run_arguments(probe)
+    argv = ["run", args.task, "--input", str(args.input), "--output", str(args.output)]
+    for action in probe._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in JOB_RESOURCES or value == action.default or value is None:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            for item in value:
+                argv += [flag, str(item)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from deploy.submit import batch_script, default_system, submit_script
+    from survey_infer.config import RunConfig
+    from survey_infer.pipeline import plan_run
+
+    if args.cluster not in ("local", "cuda"):
+        raise RefusedError(f"submit runs the whole job inside one batch job: --cluster local or cuda, not {args.cluster}")
+    for name in ("jobs", "interface", "worker_wait"):
+        if getattr(args, name) is not None:
+            raise RefusedError(f"--{name.replace('_', '-')} does not apply to submit (one job, its own cluster)")
+    # Refuse now, on the login node, what the job would refuse (store, bundle, output, arguments).
+    probe = RunConfig(task=args.task, input=args.input, output=args.output, bundle=args.bundle, engine=args.engine,
+                      device=args.device, precision=args.precision, workers=args.workers,
+                      threads_per_worker=args.threads_per_worker, rows_per_unit=args.rows_per_unit,
+                      overwrite=args.overwrite, task_options=_task_options(args.task_option),
+                      ood_threshold=args.ood_threshold, cores=args.cores, memory=args.memory, walltime=args.walltime,
+                      queue=args.queue, account=args.account, cluster="slurm")  # fmt: skip
+    probe.cluster = "local"
+    plan_run(probe)
+    system = args.system or default_system()
+    script_path = args.script or args.output.parent / f"{args.output.name}.job.sh"
+    text = batch_script(system, _run_argv(args) + ["--no-progress"], job_name=args.job_name, gpus=args.gpus,
+                        log_path=args.output.parent / f"{args.output.name}.job-%j.log" if system == "slurm"
+                        else args.output.parent / f"{args.output.name}.job.log",
+                        setup=args.setup, **probe.job_resources())  # fmt: skip
+    if args.dry_run:
+        print(text, end="")
+        return 0
+    script_path.parent.mkdir(parents=True, exist_ok=True)
+    script_path.write_text(text)
+    job_id = submit_script(system, script_path)
+    print(f"wrote {script_path}; submitted {system} job {job_id}")
+    return 0
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from survey_infer.bundle import load_bundle
+    from survey_infer.engines.tensorrt_engine import build_engine_cli
+
+    return build_engine_cli(load_bundle(args.bundle), precision=args.precision, max_batch=args.max_batch,
+                            opt_batch=args.opt_batch, calibration=args.calibration, force=args.force)  # fmt: skip
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from deploy.quantize import quantize_bundle
 
@@ -399,7 +508,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return catalog_main(args.catalog_args)
 
 
-COMMANDS = {"catalog": cmd_catalog, "run": cmd_run, "ingest": cmd_ingest, "mock": cmd_mock, "train": cmd_train, "export": cmd_export, "quantize": cmd_quantize, "trust": cmd_trust, "bundles": cmd_bundles,
+COMMANDS = {"catalog": cmd_catalog, "run": cmd_run, "ingest": cmd_ingest, "mock": cmd_mock, "train": cmd_train, "export": cmd_export, "submit": cmd_submit, "build-engine": cmd_build_engine, "quantize": cmd_quantize, "trust": cmd_trust, "bundles": cmd_bundles,
             "demo": cmd_demo}  # fmt: skip
 
 
