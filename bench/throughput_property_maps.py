@@ -1,0 +1,149 @@
+"""property_maps throughput: maps per second of the bare engines and of the whole pipeline (maps.zarr written),
+their ratio, and the peak memory of runs of increasing N (it should stay flat).
+
+    python bench/throughput_property_maps.py [--n 2048,8192] [--threads 2] [--bundle DIR] [--wait-idle 60]
+
+1. Mocks property-maps stores of each N (64 px ugriz, 256 rows per unit) in a work directory (reused).
+2. Bare engines (onnxruntime, torch) on 512 prepared cutouts in memory, ``--threads`` threads, batch 64.
+3. For each N, in a fresh subprocess (so that its peak RSS is its own): run_pipeline with the fastest engine on
+   an in-process LocalCluster (1 worker, ``--threads`` threads), catalog building off; maps/s from the units'
+   time; the process's peak RSS (ru_maxrss) at the end.
+4. The fastest bare engine again after the pipelines (the shared VM drifts): the reference is their mean.
+Reported with the CPU other processes took meanwhile (``others``): on a busy machine the numbers are low.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.throughput import CpuMonitor, measure_bare, wait_for_idle  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+TASK = "property_maps"
+
+
+def ensure_store(workdir: Path, n: int) -> Path:
+    from training.mock_property_maps import write_mock_property_maps
+
+    store = workdir / f"pm_{n}.zarr"
+    if not (store / "zarr.json").exists():
+        write_mock_property_maps(store, n, size=64, seed=77, rows_per_unit=256, rows_per_batch=64, overwrite=True)
+    return store
+
+
+def prepared(bundle_dir: Path, store: Path, rows: int) -> dict[str, np.ndarray]:
+    import zarr
+
+    from survey_infer.bundle import load_bundle
+    from survey_infer.tasks import get_task
+
+    bundle = load_bundle(bundle_dir)
+    group = zarr.open_group(str(store), mode="r")
+    images = group["images"][:rows]
+    columns = {c: group[c][:rows] for c in get_task(TASK).input_columns(bundle)}
+    inputs, _ = get_task(TASK).prepare(images, columns, bundle)
+    return {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+
+
+def child(args: argparse.Namespace) -> None:
+    """One pipeline run in this process; prints a JSON line."""
+    import shutil
+
+    from survey_infer.cluster import client_for
+    from survey_infer.config import RunConfig
+    from survey_infer.pipeline import plan_run, run_pipeline
+
+    out = Path(args.child_out)
+    shutil.rmtree(out, ignore_errors=True)
+    config = RunConfig(task=TASK, input=Path(args.child_store), output=out, bundle=args.bundle, engine=args.engine,
+                       device="cpu", workers=1, threads_per_worker=args.threads, in_process=True,
+                       build_catalog=False, progress=False)  # fmt: skip
+    plan = plan_run(config)
+    with client_for(config) as client:
+        monitor = CpuMonitor()
+        run = run_pipeline(config, client, plan)
+        cpu = monitor.stop()
+    record = run.record
+    units_s = record["timings"]["units_seconds"]
+    print(json.dumps({"n": record["rows"]["out"], "status": record["status"], "units_s": units_s,
+                      "maps_per_s": record["rows"]["out"] / units_s, "units": plan.n_units,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "maps_zarr_mb": sum(p.stat().st_size for p in (out / "maps.zarr").rglob("*") if p.is_file()) / 2**20,
+                      **cpu}))  # fmt: skip
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", default="2048,8192")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bundle", type=Path, default=None)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/survey_infer_bench_pm"))
+    p.add_argument("--engines", default="onnxruntime,torch")
+    p.add_argument("--wait-idle", type=float, default=0.0)
+    p.add_argument("--min-seconds", type=float, default=8.0)
+    p.add_argument("--engine", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-store", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    from survey_infer.bundle import default_bundle_path
+
+    args.bundle = args.bundle or default_bundle_path(TASK)
+    if args.child_store:
+        child(args)
+        return
+    command = "python bench/throughput_property_maps.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    sizes = [int(x) for x in args.n.split(",")]
+    stores = {n: ensure_store(args.workdir, n) for n in sizes}
+    waited = wait_for_idle(args.wait_idle)
+    inputs = prepared(args.bundle, stores[sizes[0]], 512)
+    bare = [measure_bare(e, args.bundle, inputs, 64, args.threads, args.min_seconds) for e in args.engines.split(",")]
+    best = max(bare, key=lambda r: r["rows_per_s"])
+    runs = []
+    for n in sizes:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--bundle", str(args.bundle), "--threads",
+               str(args.threads), "--engine", best["engine"], "--child-store", str(stores[n]), "--child-out",
+               str(args.workdir / f"out_{n}")]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if done.returncode != 0:
+            raise SystemExit(f"pipeline run for N={n} failed:\n{done.stderr[-3000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    again = measure_bare(best["engine"], args.bundle, inputs, 64, args.threads, args.min_seconds)
+    reference = 0.5 * (best["rows_per_s"] + again["rows_per_s"])
+    lines = [f"property_maps throughput, bundle {Path(args.bundle).name}, 64 px ugriz -> 6 maps + errors, "
+             f"{args.threads} threads ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+             f"command: {command}", f"waited {waited:.0f} s for an idle machine (--wait-idle {args.wait_idle:g})", "",
+             f"{'bare engine':14s}{'maps/s':>9s}{'batch ms':>10s}{'others':>8s}"]  # fmt: skip
+    for r in bare + [dict(again, engine=again["engine"] + " (again)")]:
+        lines.append(f"{r['engine']:14s}{r['rows_per_s']:9.1f}{r['batch_ms_median']:10.1f}{r['other_cores']:8.2f}")
+    lines += ["", f"{'pipeline N':12s}{'units':>6s}{'maps/s':>9s}{'vs engine':>10s}{'peak RSS MB':>13s}"
+                  f"{'maps.zarr MB':>14s}{'others':>8s}"]  # fmt: skip
+    for r in runs:
+        lines.append(f"{r['n']:<12d}{r['units']:6d}{r['maps_per_s']:9.1f}{r['maps_per_s'] / reference:10.3f}"
+                     f"{r['peak_rss_mb']:13.0f}{r['maps_zarr_mb']:14.1f}{r['other_cores']:8.2f}")  # fmt: skip
+    lines.append(f"pipeline_vs_engine {runs[-1]['maps_per_s'] / reference:.3f} (largest N; reference = mean of the "
+                 f"two {best['engine']} measurements bracketing the pipelines, {reference:.1f} maps/s)")
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "throughput_property_maps.txt").write_text(text + "\n")
+    (RESULTS / "throughput_property_maps.json").write_text(json.dumps(
+        {"bare": bare, "again": again, "runs": runs, "reference": reference, "command": command}, indent=1,
+        default=str))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
