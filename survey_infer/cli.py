@@ -23,8 +23,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, help="model bundle directory (default: the shipped one)")
     parser.add_argument("--engine", default="auto", help="auto|torch|onnxruntime|tensorrt (default: auto)")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda (default: auto)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
-                        help="int8: the bundle's quantized ONNX model (`survey-infer quantize`; default fp32)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                        help="int8: the bundle's quantized ONNX model (`survey-infer quantize`) or an int8 TensorRT "
+                             "plan; fp16: TensorRT or torch on a GPU (default fp32)")
     parser.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes (default 1)")
     parser.add_argument("--threads-per-worker", type=int, help="threads per worker (default: cores / workers)")
     parser.add_argument("--in-process", action="store_true",
@@ -449,11 +450,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from survey_infer.bundle import load_bundle
-    from survey_infer.engines.tensorrt_engine import build_engine_cli
+    from deploy.build_engine import build_engine
 
-    return build_engine_cli(load_bundle(args.bundle), precision=args.precision, max_batch=args.max_batch,
-                            opt_batch=args.opt_batch, calibration=args.calibration, force=args.force)  # fmt: skip
+    result = build_engine(args.bundle, precision=args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch,
+                          calibration=args.calibration, force=args.force)  # fmt: skip
+    what = f"built in {result.seconds:.1f} s ({result.reason})" if result.built else "cached, key matches"
+    print(f"{result.path}: {what}; key {json.dumps(result.key.to_json())}")
+    return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENGINE_NAMES = ("auto", "tensorrt", "onnxruntime", "torch")
-# `auto` tries these in order and keeps the first that loads and runs a probe batch: fastest first.
-AUTO_ORDER = ("tensorrt", "onnxruntime", "torch")
+# `auto` tries these (engine, device) pairs in order and keeps the first that is installed, loads and runs a
+# probe batch: fastest first. A GPU pair is tried only where torch sees a CUDA device (and not with --device
+# cpu); a CPU pair not with --device cuda. Every pair passed over is recorded with its reason (run.json).
+AUTO_ORDER = (("tensorrt", "cuda"), ("torch", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu"), ("torch", "cpu"))
 _IMPLEMENTATIONS = {
     "torch": "survey_infer.engines.torch_engine:TorchEngine",
     "onnxruntime": "survey_infer.engines.onnx_engine:OnnxRuntimeEngine",
@@ -26,7 +28,7 @@ _IMPLEMENTATIONS = {
 }
 
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")  # fp16: TensorRT or torch on a CUDA GPU; int8: ONNX Runtime or a TensorRT plan
 INT8_ONNX_FILE = "model.int8.onnx"  # written by `survey-infer quantize` (deploy.quantize), ONNX Runtime only
 
 
@@ -52,15 +54,15 @@ class Engine:
     def uses_gpu(self) -> bool:
         return False
 
-    def describe(self) -> dict:
-        """What the run record says about this engine."""
+    selection: dict | None = None  # set by make_engine("auto"): what was tried and why each was passed over
+
+    def info(self) -> dict:
+        """This engine's own description (name, device, precision, versions)."""
         return {"name": self.name}
 
-
-def require_fp32(engine: str, precision: str) -> None:
-    """Refuse a precision an engine does not run (only ONNX Runtime runs the int8 model)."""
-    if precision != "fp32":
-        raise EngineUnavailable(f"the {engine} engine runs fp32 here; precision {precision} is an ONNX Runtime model")
+    def describe(self) -> dict:
+        """What the run record says about this engine (with the ``auto`` selection, when it chose)."""
+        return {**self.info(), **({"auto": self.selection} if self.selection else {})}
 
 
 def default_threads() -> int:
@@ -78,7 +80,9 @@ def make_engine(
 ) -> Engine:
     """Build engine ``name`` for ``bundle``; ``auto`` picks the fastest that is installed and works.
 
-    ``precision`` int8 runs the bundle's quantized ONNX model (ONNX Runtime only; `survey-infer quantize`).
+    ``precision`` int8 runs the bundle's quantized ONNX model (ONNX Runtime; `survey-infer quantize`) or an
+    int8 TensorRT plan (`survey-infer build-engine --precision int8`); fp16 runs TensorRT or torch on a GPU.
+    An ``auto`` engine's ``selection`` (and so its ``describe()``) says which pairs were passed over and why.
     """
     if name not in ENGINE_NAMES:
         raise RefusedError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
@@ -90,22 +94,37 @@ def make_engine(
     from survey_infer.tasks import get_task
 
     probe = get_task(bundle.task).example_inputs(bundle, 2)
-    want_gpu = device != "cpu" and _cuda_visible()
-    reasons, cpu_fallback = [], None
-    for candidate in AUTO_ORDER:
-        try:
-            engine = _load_class(candidate)(bundle, threads=threads, device=device, precision=precision)
-            engine.run(probe)
-        except EngineUnavailable as exc:
-            reasons.append(f"{candidate}: {exc}")
-            log.info("engine %s unavailable: %s", candidate, exc)
-            continue
-        if engine.uses_gpu or not want_gpu:
-            return engine
-        cpu_fallback = cpu_fallback or engine  # a GPU is there: keep looking for an engine that uses it
-    if cpu_fallback is not None:
-        return cpu_fallback
-    raise EngineUnavailable("no engine works here: " + "; ".join(reasons))
+    gpu = _cuda_visible() if device != "cpu" else False
+    skipped: list[dict[str, str]] = []
+    for candidate, where in AUTO_ORDER:
+        label = f"{candidate}-{where}"
+        reason = _not_here(where, device, gpu)
+        if reason is None:
+            try:
+                on = device if where == "cuda" and device.startswith("cuda") else where  # keep cuda:N
+                engine = _load_class(candidate)(bundle, threads=threads, device=on, precision=precision)
+                engine.run(probe)
+            except EngineUnavailable as exc:
+                reason = str(exc)
+            except Exception as exc:  # noqa: BLE001 - installed but failing (driver, plan, kernel): try the next
+                reason = f"failed: {type(exc).__name__}: {exc}"
+            else:
+                engine.selection = {"chosen": label, "skipped": skipped, "order": [f"{n}-{w}" for n, w in AUTO_ORDER]}
+                return engine
+        skipped.append({"engine": label, "reason": reason})
+        log.info("engine %s passed over: %s", label, reason)
+    raise EngineUnavailable("no engine works here: " + "; ".join(f"{s['engine']}: {s['reason']}" for s in skipped))
+
+
+def _not_here(where: str, device: str, gpu: bool) -> str | None:
+    """Why an (engine, device) pair of AUTO_ORDER is not tried with ``--device device``; None: try it."""
+    if where == "cuda" and device == "cpu":
+        return "--device cpu"
+    if where == "cuda" and not gpu:
+        return "no CUDA GPU visible to torch"
+    if where == "cpu" and device.startswith("cuda"):
+        return f"--device {device}"
+    return None
 
 
 def _cuda_visible() -> bool:

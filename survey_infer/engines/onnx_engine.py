@@ -14,6 +14,8 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, bundle, *, threads: int = 1, device: str = "auto", precision: str = "fp32"):
         super().__init__(bundle)
+        if precision not in ("fp32", "int8"):
+            raise EngineUnavailable(f"ONNX Runtime runs the fp32 or the int8 model here, not {precision}")
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -53,5 +55,5 @@ class OnnxRuntimeEngine(Engine):
     def uses_gpu(self) -> bool:
         return "CUDAExecutionProvider" in self.providers
 
-    def describe(self) -> dict:
+    def info(self) -> dict:
         return {"name": self.name, "providers": self.providers, "onnxruntime": self.version, "precision": self.precision}

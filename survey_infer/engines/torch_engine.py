@@ -1,11 +1,27 @@
-"""PyTorch engine: CPU float32, or CUDA (float32 or half precision) when a GPU is present."""
+"""PyTorch engine: CPU float32, or CUDA (float32, or half precision where the bundle allows it).
+
+On CUDA the engine keeps the model in channels_last, stages each batch through pinned host buffers with
+non-blocking copies on its own stream, and replays a CUDA graph captured for a fixed batch size
+(``CUDA_BATCH`` rows; a smaller batch uses the first rows of the graph's static buffers, a larger one is run in
+pieces). Rows are independent in eval mode, so the unused rows of a partial batch change nothing. Where graph
+capture fails the engine runs eagerly and says so in its description.
+"""
 
 from __future__ import annotations
+
+import logging
+import threading
 
 import numpy as np
 import torch
 
-from survey_infer.engines.base import Engine, EngineUnavailable, require_fp32
+from survey_infer.engines.base import Engine, EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+CPU_SUB_BATCH = 32
+CUDA_BATCH = 1024  # the fixed batch of the CUDA graph (and of the pinned staging buffers)
+GRAPH_WARMUP = 3
 
 
 def resolve_torch_device(device: str) -> torch.device:
@@ -16,16 +32,36 @@ def resolve_torch_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-CPU_SUB_BATCH = 32
+def half_allowed(bundle) -> tuple[bool, str]:
+    """Whether the bundle may run in half precision: bundle.json ``"fp16": false`` forbids it."""
+    if bundle.meta.get("fp16", True) is False:
+        return False, f"bundle {bundle.id} forbids fp16 (bundle.json \"fp16\": false)"
+    return True, ""
+
+
+def fixed_batch_pieces(n_rows: int, batch: int) -> list[tuple[int, int]]:
+    """(start, rows) pieces of at most ``batch`` rows that cover ``n_rows`` in order (the last may be short)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return [(start, min(batch, n_rows - start)) for start in range(0, n_rows, batch)]
 
 
 class TorchEngine(Engine):
     name = "torch"
 
-    def __init__(self, bundle, *, threads: int = 1, device: str = "auto", half: bool = False, precision: str = "fp32"):
-        require_fp32(self.name, precision)
+    def __init__(self, bundle, *, threads: int = 1, device: str = "auto", half: bool = False, precision: str = "fp32",
+                 cuda_graphs: bool = True, cuda_batch: int = CUDA_BATCH):  # fmt: skip
         super().__init__(bundle)
+        if precision not in ("fp32", "fp16"):
+            raise EngineUnavailable(f"the torch engine runs fp32 or fp16 (on a GPU), not {precision}")
         self.device = resolve_torch_device(device)
+        half = half or precision == "fp16"
+        if half and self.device.type != "cuda":
+            raise EngineUnavailable("the torch engine runs fp16 on a CUDA GPU only")
+        if half:
+            allowed, why = half_allowed(bundle)
+            if not allowed:
+                raise EngineUnavailable(why)
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         self.half = half and self.device.type == "cuda"
@@ -33,12 +69,14 @@ class TorchEngine(Engine):
             # float32 means float32: TF32 convolutions would drift ~1e-3 from the reference numbers
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-        model = bundle.build_torch_model().to(self.device)
-        if self.device.type == "cpu":
-            # channels-last convolutions on small sub-batches are ~3x faster on CPU (bench/README.md)
-            model = model.to(memory_format=torch.channels_last)
+        model = bundle.build_torch_model().to(self.device).eval()
+        # channels-last convolutions: ~3x faster on CPU for small sub-batches (bench/README.md), tensor cores on GPU
+        model = model.to(memory_format=torch.channels_last)
         self.model = model.half() if self.half else model
         self.sub_batch = CPU_SUB_BATCH if self.device.type == "cpu" else None
+        self._cuda: _CudaRunner | None = None
+        if self.device.type == "cuda":
+            self._cuda = _CudaRunner(self, cuda_batch, cuda_graphs)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
@@ -50,6 +88,8 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._cuda is not None:
+            return self._cuda.run(inputs)
         n_rows = len(inputs[self.input_names[0]])
         step = self.sub_batch or max(n_rows, 1)
         pieces: list[list[np.ndarray]] = [[] for _ in self.output_names]
@@ -63,6 +103,95 @@ class TorchEngine(Engine):
     def uses_gpu(self) -> bool:
         return self.device.type == "cuda"
 
-    def describe(self) -> dict:
-        return {"name": self.name, "device": str(self.device), "precision": "fp16" if self.half else "fp32",
-                "torch": torch.__version__}
+    def info(self) -> dict:
+        info = {"name": self.name, "device": str(self.device), "precision": "fp16" if self.half else "fp32",
+                "torch": torch.__version__}  # fmt: skip
+        if self._cuda is not None:
+            info.update(self._cuda.info())
+        return info
+
+
+class _CudaRunner:
+    """Pinned host buffers, a side stream and (where capture works) one CUDA graph for a fixed batch."""
+
+    def __init__(self, engine: TorchEngine, batch: int, graphs: bool):
+        self.engine = engine
+        self.batch = batch
+        self.stream = torch.cuda.Stream(device=engine.device)
+        self.lock = threading.Lock()  # one set of static buffers: the worker's threads take turns on the GPU
+        self.host_in: dict[str, torch.Tensor] = {}
+        self.static_in: dict[str, torch.Tensor] = {}
+        self.host_out: dict[str, torch.Tensor] = {}
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_out: list[torch.Tensor] | None = None
+        self.graph_error = ""
+        self.graphs = graphs
+        self._shapes_seen: dict[str, tuple[int, ...]] | None = None
+
+    def _allocate(self, inputs: dict[str, np.ndarray]) -> None:
+        """Buffers for the row shapes of the first batch (every batch of a run has the same row shape)."""
+        engine = self.engine
+        self._shapes_seen = {n: tuple(inputs[n].shape[1:]) for n in engine.input_names}
+        for name, shape in self._shapes_seen.items():
+            self.host_in[name] = torch.empty((self.batch, *shape), dtype=torch.float32, pin_memory=True)
+            static = torch.zeros((self.batch, *shape), dtype=engine.dtype, device=engine.device)
+            self.static_in[name] = static.contiguous(memory_format=torch.channels_last) if static.ndim == 4 else static
+        if self.graphs:
+            try:
+                self._capture()
+            except Exception as exc:  # noqa: BLE001 - eager mode still gives the same numbers
+                self.graph, self.static_out = None, None
+                self.graph_error = f"{type(exc).__name__}: {exc}"
+                log.warning("CUDA graph capture failed, running eagerly: %s", self.graph_error)
+        outputs = self.static_out or self._forward()
+        for name, out in zip(engine.output_names, outputs):
+            self.host_out[name] = torch.empty(tuple(out.shape), dtype=torch.float32, pin_memory=True)
+
+    def _forward(self) -> list[torch.Tensor]:
+        outputs = self.engine.model(*[self.static_in[n] for n in self.engine.input_names])
+        return [o.float() for o in outputs]
+
+    def _capture(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.engine.device))
+        with torch.cuda.stream(self.stream):
+            for _ in range(GRAPH_WARMUP):  # cuDNN picks its kernels before capture
+                self._forward()
+        torch.cuda.current_stream(self.engine.device).wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            self.static_out = self._forward()
+        self.graph = graph
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        engine = self.engine
+        n_rows = len(inputs[engine.input_names[0]])
+        pieces: list[dict[str, np.ndarray]] = []
+        with self.lock, torch.inference_mode():
+            if self._shapes_seen is None:
+                self._allocate(inputs)
+            for name in engine.input_names:
+                if tuple(inputs[name].shape[1:]) != self._shapes_seen[name]:
+                    raise ValueError(f"input {name}: rows of shape {inputs[name].shape[1:]}, the engine was "
+                                     f"set up for {self._shapes_seen[name]}")  # fmt: skip
+            for start, rows in fixed_batch_pieces(n_rows, self.batch):
+                with torch.cuda.stream(self.stream):
+                    for name in engine.input_names:
+                        host = self.host_in[name][:rows]
+                        host.copy_(torch.from_numpy(np.ascontiguousarray(inputs[name][start : start + rows], np.float32)))
+                        self.static_in[name][:rows].copy_(host, non_blocking=True)
+                    outputs = self.static_out if self.graph is not None else None
+                    if self.graph is not None:
+                        self.graph.replay()
+                    else:
+                        outputs = self._forward()
+                    for name, out in zip(engine.output_names, outputs):
+                        self.host_out[name][:rows].copy_(out[:rows], non_blocking=True)
+                self.stream.synchronize()
+                pieces.append({n: self.host_out[n][:rows].numpy().copy() for n in engine.output_names})
+        if not pieces:
+            return {n: np.zeros((0,), np.float32) for n in engine.output_names}
+        return {n: np.concatenate([p[n] for p in pieces]) for n in engine.output_names}
+
+    def info(self) -> dict:
+        return {"cuda_graph": self.graph is not None, "fixed_batch": self.batch, "pinned_memory": True,
+                "channels_last": True, **({"cuda_graph_error": self.graph_error} if self.graph_error else {})}  # fmt: skip
