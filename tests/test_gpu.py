@@ -56,3 +56,63 @@ def test_auto_picks_an_engine_that_uses_the_gpu(setup):
     bundle, _, _ = setup
     engine = make_engine("auto", bundle)
     assert engine.uses_gpu, engine.describe()
+
+
+# ---------------------------------------------------------------- issue 13: CUDA graphs, TensorRT, auto on a GPU
+
+@pytest.mark.parametrize("rows", [1, 100, 1024, 1500])  # partial, full and more-than-one fixed batch
+def test_torch_cuda_graph_matches_cpu_on_partial_batches(setup, rows):
+    from survey_infer.engines.torch_engine import TorchEngine
+
+    bundle, inputs, expected = setup
+    engine = TorchEngine(bundle, device="cuda", cuda_batch=256)
+    big = {k: np.concatenate([v] * 3) for k, v in inputs.items()}  # 1536 rows
+    want = make_engine("torch", bundle, threads=4, device="cpu").run({k: v[:rows] for k, v in big.items()})
+    check(engine.run({k: v[:rows] for k, v in big.items()}), want, FP32_TOLERANCE)
+    assert engine.describe()["cuda_graph"], engine.describe()
+
+
+def test_torch_cuda_eager_fallback_gives_the_same_numbers(setup):
+    from survey_infer.engines.torch_engine import TorchEngine
+
+    bundle, inputs, expected = setup
+    engine = TorchEngine(bundle, device="cuda", cuda_graphs=False)
+    check(engine.run(inputs), expected, FP32_TOLERANCE)
+    assert not engine.describe()["cuda_graph"]
+
+
+def _tensorrt_or_skip():
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pytest.skip("tensorrt is not installed on this GPU machine")
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", FP32_TOLERANCE), ("fp16", FP16_TOLERANCE)])
+def test_tensorrt_matches_cpu_fp32(setup, tmp_path, monkeypatch, precision, tolerance):
+    _tensorrt_or_skip()
+    from survey_infer.engines.tensorrt_engine import CACHE_ENV, TensorRTEngine
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    bundle, inputs, expected = setup
+    engine = TensorRTEngine(bundle, precision=precision, max_batch=200)  # 512 rows: 200 + 200 + a partial 112
+    assert engine.describe()["plan_built"]
+    check(engine.run(inputs), expected, tolerance)
+    again = TensorRTEngine(bundle, precision=precision, max_batch=200)
+    assert not again.describe()["plan_built"]  # the cached plan, its key matching
+    check(again.run({k: v[:7] for k, v in inputs.items()}), {k: v[:7] for k, v in expected.items()}, tolerance)
+
+
+def test_auto_prefers_tensorrt_then_torch_cuda(setup, tmp_path, monkeypatch):
+    from survey_infer.engines.tensorrt_engine import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    bundle, _, _ = setup
+    selection = make_engine("auto", bundle).describe()["auto"]
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert selection["chosen"] == "torch-cuda"
+        assert selection["skipped"][0]["engine"] == "tensorrt-cuda"
+    else:
+        assert selection["chosen"] == "tensorrt-cuda", selection

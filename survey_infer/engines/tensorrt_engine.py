@@ -268,6 +268,8 @@ def build_plan_bytes(bundle, key: PlanKey, calibration: dict[str, np.ndarray] | 
             raise EngineUnavailable(f"input {tensor.name} has a dynamic axis other than the batch: {tuple(tensor.shape)}")
         profile.set_shape(tensor.name, (low, *rest), (opt, *rest), (high, *rest))
     config.add_optimization_profile(profile)
+    if key.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32 (TF32 is on by default, ~1e-3 off)
     if key.precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)  # int8 layers fall back to fp16, not fp32
     if key.precision == "int8":
