@@ -164,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_ingest_parser(sub)
 
-    export = sub.add_parser("export", help="export a bundle's model.onnx (deploy)")
+    export = sub.add_parser("export", help="export a bundle's model.onnx (deploy)",
+                            description="Checked with onnx.checker and by ONNX Runtime against PyTorch float32 on "
+                                        "random inputs of two batch sizes (and real rows with --check-store).")  # fmt: skip
     export.add_argument("bundle", type=Path)
+    export.add_argument("--check-store", type=Path, help="also check on real rows of this cutouts store")
+    export.add_argument("--check-rows", type=int, default=256, help="rows of --check-store to check (default 256)")
 
     submit = sub.add_parser("submit", help="write a batch script (sbatch/qsub) that runs one whole `run` as one job, "
                                            "and submit it",
@@ -387,7 +391,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from deploy.export import export_onnx
 
-    print(f"wrote {export_onnx(args.bundle)}")
+    print(f"wrote {export_onnx(args.bundle, check_store=args.check_store, check_rows=args.check_rows)}")
     return 0
 
 
