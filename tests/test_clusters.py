@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -213,3 +214,21 @@ def test_submit_on_single_node_slurm(single_node_slurm, slurm_store, tiny_bundle
     assert record_path.exists(), log.read_text()
     assert json.loads(record_path.read_text())["status"] == "complete", log.read_text()
     assert_exactly_once(tmp_path / "out", 200)
+
+
+def test_jobs_that_never_start_are_refused_after_worker_wait(small_store, tiny_bundle, tmp_path, monkeypatch):
+    """A batch system that accepts jobs but never runs them: refused (exit 2) after --worker-wait, not a hang."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"sbatch": 'echo "Submitted batch job 4242"', "scancel": "exit 0", "squeue": "exit 0"}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    tick = time.monotonic()
+    done = _run_cli(["run", "mass_to_light", "--input", str(small_store), "--output", str(tmp_path / "out"), "--bundle",
+                     str(tiny_bundle), "--cluster", "slurm", "--interface", "lo", "--worker-wait", "3",
+                     "--no-progress"], env, tmp_path, 60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "no Dask worker joined within --worker-wait 3 s: the slurm jobs are still queued" in done.stderr
+    assert time.monotonic() - tick < 45
+    assert not (tmp_path / "out").exists()  # refused before any work
