@@ -307,7 +307,10 @@ def read_muse_cube(path: str | Path) -> dict[str, Any]:
         stat_header = hdul["STAT"].header if "STAT" in names else None
     if var is not None and var.shape != flux.shape:
         raise StoreError(f"{path}: STAT has shape {var.shape}; DATA has {flux.shape}")
-    wcs = WCS(header)
+    try:
+        wcs = WCS(header)
+    except Exception as exc:  # astropy raises several kinds for a broken WCS
+        raise StoreError(f"{path}: the DATA extension's WCS cannot be read ({exc})") from exc
     if wcs.naxis != 3 or not wcs.has_spectral:
         raise StoreError(f"{path}: the DATA WCS has no spectral axis (CTYPE {list(wcs.wcs.ctype)})")
     spec_axis = wcs.wcs.spec

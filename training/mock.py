@@ -124,7 +124,7 @@ def write_mock_clusters(
 
 # The mock store each task's demo runs on (the demo asks by task id; a task absent here gets galaxy cutouts).
 DEMO_MOCKS = {"mass_to_light": "cutouts", "star_clusters": "clusters", "mass_profiles": "kinematics",
-              "property_maps": "property_maps"}
+              "property_maps": "property_maps", "sfh": "ifu"}
 
 
 def write_demo_mock(task: str, directory: Path, n: int, *, seed: int, rows_per_unit: int) -> Path:
@@ -141,6 +141,10 @@ def write_demo_mock(task: str, directory: Path, n: int, *, seed: int, rows_per_u
 
         return write_mock_property_maps(store, n, seed=seed, rows_per_unit=min(rows_per_unit, 256),
                                         rows_per_batch=min(rows_per_unit, 64), overwrite=True)  # fmt: skip
+    if kind == "ifu":  # mock IFU cubes of 12 x 12 spaxels (n = cubes)
+        from training.mock_ifu import write_mock_ifu
+
+        return write_mock_ifu(store, n, size=12, seed=seed % 100_000, overwrite=True)
     if kind == "clusters":
         return write_mock_clusters(store, n, seed=seed, rows_per_unit=rows_per_unit,
                                    rows_per_batch=min(256, rows_per_unit), overwrite=True)
@@ -148,7 +152,7 @@ def write_demo_mock(task: str, directory: Path, n: int, *, seed: int, rows_per_u
 
 # Rows mocked per task in the demo at most (cluster mocks are built star by star: ~100 per second per core;
 # mass_profiles: galaxies; their DFs take ~10-20 s to build).
-DEMO_MAX_ROWS = {"star_clusters": 1000, "mass_profiles": 300, "property_maps": 512}
+DEMO_MAX_ROWS = {"star_clusters": 1000, "mass_profiles": 300, "property_maps": 512, "sfh": 2}
 
 
 def demo_mock_size(task: str, n: int) -> int:
@@ -169,4 +173,8 @@ def demo_summary(task: str, out_dir: Path, store: Path) -> str | None:
         from training.mock_kinematics import demo_summary as kinematics_summary
 
         return kinematics_summary(out_dir, store)
+    if task == "sfh":
+        from training.mock_ifu import demo_summary as ifu_summary
+
+        return ifu_summary(out_dir, store)
     return None

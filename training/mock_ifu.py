@@ -71,3 +71,19 @@ def write_mock_ifu(store: str | Path, n_cubes: int, *, size: int = 24, seed: int
                              "redshift": np.array([c["redshift"] for c in cubes]),
                              "ny": np.full(n_cubes, size), "nx": np.full(n_cubes, size)}), truth_path(store))  # fmt: skip
     return store
+
+
+def demo_summary(out_dir: Path, store: Path) -> str:
+    """The demo's line: median |error| of the light-weighted mean log age and log Z maps against the truth."""
+    pred = zarr.open_group(str(Path(out_dir) / "sfh.zarr"), mode="r")
+    truth = zarr.open_group(str(truth_cubes_path(store)), mode="r")
+    age, met = [], []
+    for key in truth.group_keys():
+        if key not in pred:
+            continue
+        ok = np.isfinite(pred[key]["age_lw"][:])
+        age.append(np.abs(pred[key]["age_lw"][:] - truth[key]["age_lw"][:])[ok])
+        met.append(np.abs(pred[key]["log_z_lw"][:] - truth[key]["log_z_lw"][:])[ok])
+    age_e, met_e = np.concatenate(age), np.concatenate(met)
+    return (f"sfh vs truth ({len(age)} cubes, {age_e.size} spaxels): median |error| light-weighted mean log age "
+            f"{np.median(age_e):.3f} dex, log Z {np.median(met_e):.3f} dex")
