@@ -55,6 +55,7 @@ class SpaxelBatch:
     y: np.ndarray  # (n,) int64
     x: np.ndarray  # (n,) int64
     shape: tuple[int, int]  # the cube's (Y, X)
+    wcs: dict[str, Any] = field(default_factory=dict)  # the cube's celestial FITS header cards
 
     def __len__(self) -> int:
         return len(self.flux)
@@ -259,7 +260,7 @@ def iter_spaxel_batches(store: Path, start: int, stop: int, rows_per_read: int) 
         flags = np.where(good, 0, FLAG_BITS["nan_pixels"]).astype(np.int32)
         batch = SpaxelBatch(np.ascontiguousarray(flux), np.ascontiguousarray(ivar), wave, redshift,
                             np.ascontiguousarray(phot), np.ascontiguousarray(phot_ivar), yy.ravel().astype(np.int64),
-                            xx.ravel().astype(np.int64), (ny, nx))  # fmt: skip
+                            xx.ravel().astype(np.int64), (ny, nx), dict(sub.attrs.get("wcs", {})))  # fmt: skip
         yield 0, batch, flags
 
 

@@ -21,6 +21,8 @@ from survey_infer.paths import truth_path
 from survey_infer.tasks.sfh import AGE_EDGES_LOG, N_BINS
 from training.sim import spectra as sim
 
+MUSE_SPAXEL_ARCSEC = 0.2
+
 
 def truth_cubes_path(store: Path) -> Path:
     return Path(str(store) + ".truth.zarr")
@@ -55,8 +57,11 @@ def write_mock_ifu(store: str | Path, n_cubes: int, *, size: int = 24, seed: int
     cubes, truths = [], []
     for k in range(n_cubes):
         cube, truth = mock_cube(seed * 1000 + k, size, size)
-        cube.update(name=f"mock{k:04d}", object_id=k + 1, ra=float(rng.uniform(0, 360)),
-                    dec=float(np.degrees(np.arcsin(rng.uniform(-1, 1)))))  # fmt: skip
+        ra, dec = float(rng.uniform(0, 360)), float(np.degrees(np.arcsin(rng.uniform(-0.99, 0.99))))
+        wcs = {"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CUNIT1": "deg", "CUNIT2": "deg", "CRVAL1": ra,
+               "CRVAL2": dec, "CRPIX1": (size + 1) / 2, "CRPIX2": (size + 1) / 2, "CDELT1": -MUSE_SPAXEL_ARCSEC / 3600,
+               "CDELT2": MUSE_SPAXEL_ARCSEC / 3600}  # fmt: skip
+        cube.update(name=f"mock{k:04d}", object_id=k + 1, ra=ra, dec=dec, wcs=wcs)
         cubes.append(cube)
         truths.append(truth)
     write_ifu_store(store, cubes, survey={"name": "mock MUSE + HST (training.sim.spectra)", "seed": seed},

@@ -27,6 +27,8 @@ integrated values (spaxels combined by their stellar mass: mean window flux / li
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 
@@ -226,6 +228,7 @@ class Sfh(Task):
         columns.update({"_" + k: v for k, v in summary.items()})
         columns["_y"], columns["_x"] = batch.y, batch.x
         columns["_shape"] = np.tile(np.array(batch.shape, np.int64), (len(batch), 1))
+        columns["_wcs"] = np.full(len(batch), json.dumps(getattr(batch, "wcs", {}) or {}), dtype=object)
         return inputs, flags
 
     def postprocess(self, outputs, columns, flags, bundle):
@@ -248,6 +251,8 @@ class Sfh(Task):
         result["_window"] = columns["_window"].astype(np.float32)
         result["_snr"] = columns["_snr"].astype(np.float32)
         result["_y"], result["_x"], result["_shape"] = columns["_y"], columns["_x"], columns["_shape"]
+        if "_wcs" in columns:
+            result["_wcs"] = columns["_wcs"]
         return result
 
     def finish_unit(self, results, columns, bundle) -> UnitResult:
@@ -306,11 +311,17 @@ class Sfh(Task):
         rows["flag"] = np.array([cube_flag], np.int32)
         rows["ood_score"] = np.array([np.nanmedian(scores) if np.isfinite(scores).any() else np.nan], np.float32)
         group = str(int(columns["object_id"][0]))
+        err_units = {name + "_err": "dex" for name in MEANS}
         attrs = {"object_id": int(columns["object_id"][0]), "age_edges_log_yr": AGE_EDGES_LOG.tolist(),
-                 "age_centres_log_yr": AGE_CENTRES_LOG.tolist(), "bundle": bundle.id,
-                 "units": {"sfh": "mass fraction formed per age bin", "metallicity": "dex (log10 Z/Zsun)",
-                           "age_lw": "dex(yr)", "age_mw": "dex(yr)", "log_z_lw": "dex", "log_z_mw": "dex",
-                           "snr": "median S/N per network pixel", "flags": "survey_infer.flags bits"},
+                 "age_bins_yr": (10**AGE_CENTRES_LOG).tolist(), "bundle": bundle.id,
+                 "units": {"sfh": "", "metallicity": "dex", "age_lw": "dex(yr)", "age_mw": "dex(yr)", "log_z_lw": "dex",
+                           "log_z_mw": "dex", **err_units, "snr": "", "ood_score": "", "flags": ""},
+                 "descriptions": {"sfh": "mass fraction formed per age bin (16, Y, X)",
+                                  "metallicity": "log10 Z/Zsun per age bin (16, Y, X)",
+                                  "age_lw": "light-weighted mean log10 age", "age_mw": "mass-weighted mean log10 age",
+                                  "log_z_lw": "light-weighted mean log10 Z/Zsun", "log_z_mw": "mass-weighted mean log10 Z/Zsun",
+                                  "snr": "median S/N per network pixel", "flags": "survey_infer.flags bits per spaxel"},
+                 "wcs": json.loads(results["_wcs"][0]) if "_wcs" in results and len(results["_wcs"]) else {},
                  "cube_flag": int(cube_flag)}  # fmt: skip
         return UnitResult(rows=rows, groups={group: arrays}, group_attrs={group: attrs})
 
