@@ -15,7 +15,7 @@ from typing import Iterator
 import dask
 from distributed import Client, LocalCluster
 
-from survey_infer.config import RunConfig
+from survey_infer.config import RunConfig, available_cores
 from survey_infer.errors import RefusedError
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,11 @@ def cuda_cluster(config: RunConfig):
     except ImportError as exc:
         raise RefusedError(f"--cluster cuda needs dask-cuda (pip install 'survey-infer[gpu]' on a GPU node): {exc}") from exc
     try:
-        return LocalCUDACluster(threads_per_worker=config.threads_per_worker, dashboard_address=":0",
-                                silence_logs=logging.ERROR)  # fmt: skip
+        from dask_cuda.utils import get_n_gpus
+
+        # the node's cores shared out over its GPU workers, unless --threads-per-worker says otherwise
+        threads = config.threads_per_worker if config.threads_per_worker_given else max(1, available_cores() // max(1, get_n_gpus()))
+        return LocalCUDACluster(threads_per_worker=threads, dashboard_address=":0", silence_logs=logging.ERROR)
     except Exception as exc:  # no GPU, no NVML: say so before any work
         raise RefusedError(f"--cluster cuda could not start a LocalCUDACluster: {type(exc).__name__}: {exc}") from exc
 

@@ -87,6 +87,7 @@ class RunConfig:
         if self.retries < 0:
             raise RefusedError(f"--retries must be >= 0, got {self.retries}")
         self._check_cluster()
+        self.threads_per_worker_given = self.threads_per_worker is not None  # not a field: not in the record
         if self.threads_per_worker is None:
             self.threads_per_worker = max(1, available_cores() // self.workers)
 

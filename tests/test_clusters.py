@@ -232,3 +232,25 @@ def test_jobs_that_never_start_are_refused_after_worker_wait(small_store, tiny_b
     assert "no Dask worker joined within --worker-wait 3 s: the slurm jobs are still queued" in done.stderr
     assert time.monotonic() - tick < 45
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_cuda_cluster_shares_the_cores_over_the_gpus(tmp_path, monkeypatch):
+    import types
+
+    from survey_infer import cluster as cluster_module
+
+    made = []
+    fake = types.ModuleType("dask_cuda")
+    fake.LocalCUDACluster = lambda **kwargs: made.append(kwargs) or "cluster"
+    utils = types.ModuleType("dask_cuda.utils")
+    utils.get_n_gpus = lambda: 4
+    monkeypatch.setitem(sys.modules, "dask_cuda", fake)
+    monkeypatch.setitem(sys.modules, "dask_cuda.utils", utils)
+    monkeypatch.setattr(cluster_module, "available_cores", lambda: 16)
+    assert cluster_module.cuda_cluster(config(tmp_path, cluster="cuda")) == "cluster"
+    assert made[-1]["threads_per_worker"] == 4  # 16 cores over 4 GPU workers
+    cluster_module.cuda_cluster(config(tmp_path, cluster="cuda", threads_per_worker=6))
+    assert made[-1]["threads_per_worker"] == 6  # as asked
+    fake.LocalCUDACluster = lambda **kwargs: (_ for _ in ()).throw(RuntimeError("NVML Shared Library Not Found"))
+    with pytest.raises(RefusedError, match="could not start a LocalCUDACluster: RuntimeError: NVML Shared Library"):
+        cluster_module.cuda_cluster(config(tmp_path, cluster="cuda"))
