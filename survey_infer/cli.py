@@ -267,6 +267,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         cluster=args.cluster, jobs=args.jobs, cores=args.cores, memory=args.memory, walltime=args.walltime,
         queue=args.queue, account=args.account, interface=args.interface, worker_wait=args.worker_wait,
     )  # fmt: skip
+    if not config.scheduler and not config.batch_cluster:  # the workers run here: an engine that cannot is refused now
+        from survey_infer.engines.base import unavailable_reason
+
+        reason = unavailable_reason(config.engine, config.device, config.precision)
+        if reason:
+            raise RefusedError(f"--engine {config.engine}: {reason}")
     plan = plan_run(config)
     with client_for(config) as client:
         result = run_pipeline(config, client, plan)

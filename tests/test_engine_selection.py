@@ -156,3 +156,32 @@ def test_run_json_records_the_auto_choice(small_store, tiny_bundle, tmp_path):
     skipped = {s["engine"]: s["reason"] for s in engine["auto"]["skipped"]}
     assert skipped["tensorrt-cuda"] == skipped["torch-cuda"] == "--device cpu"
     assert "has no model.onnx" in skipped["onnxruntime-cpu"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--engine", "tensorrt"], "--engine tensorrt: tensorrt is not installed"),
+    (["--engine", "torch", "--precision", "fp16"], "--engine torch: no CUDA GPU visible to torch"),
+    (["--engine", "torch", "--precision", "int8"], "--engine torch: the torch engine runs fp32 or fp16"),
+    (["--engine", "onnxruntime", "--precision", "fp16"], "--engine onnxruntime: ONNX Runtime runs the fp32 or the int8"),
+    (["--engine", "tensorrt", "--device", "cpu"], "--engine tensorrt: "),
+])  # fmt: skip
+def test_run_refuses_an_engine_that_cannot_run_here(flags, message, small_store, tmp_path, monkeypatch, capsys):
+    from survey_infer.cli import main
+
+    monkeypatch.setattr(base, "_cuda_visible", lambda: False)
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)  # as on this machine, wherever the test runs
+    code = main(["run", "mass_to_light", "--input", str(small_store), "--output", str(tmp_path / "o"), *flags])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_unavailable_reason_sees_onnxruntime_without_cuda(monkeypatch):
+    import types
+
+    monkeypatch.setattr(base, "_cuda_visible", lambda: True)
+    cpu_only = types.SimpleNamespace(get_available_providers=lambda: ["CPUExecutionProvider"])
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", cpu_only)
+    assert base.unavailable_reason("onnxruntime", "cuda") == "CUDA was asked for but onnxruntime has no CUDAExecutionProvider"
+    assert base.unavailable_reason("onnxruntime", "auto") is None
+    assert base.unavailable_reason("torch", "cuda", "fp16") is None
+    assert base.unavailable_reason("auto", "cuda", "fp16") is None

@@ -116,6 +116,33 @@ def make_engine(
     raise EngineUnavailable("no engine works here: " + "; ".join(f"{s['engine']}: {s['reason']}" for s in skipped))
 
 
+def unavailable_reason(name: str, device: str = "auto", precision: str = "fp32") -> str | None:
+    """Why engine ``name`` cannot run in this process (cheap: imports and device checks, no model), or None.
+
+    For a refusal before any work where the workers run on this machine; the engine itself may still fail later.
+    """
+    if name == "auto":
+        return None
+    if name == "onnxruntime" and precision not in ("fp32", "int8"):
+        return f"ONNX Runtime runs the fp32 or the int8 model here, not {precision}"
+    if name == "torch" and precision == "int8":
+        return "the torch engine runs fp32 or fp16 (on a GPU), not int8"
+    wants_gpu = name == "tensorrt" or device.startswith("cuda") or (name == "torch" and precision == "fp16")
+    if name == "tensorrt" and device == "cpu":
+        return "TensorRT runs on an NVIDIA GPU; --device cpu was asked for"
+    module = {"tensorrt": "tensorrt", "onnxruntime": "onnxruntime", "torch": "torch"}[name]
+    try:
+        imported = importlib.import_module(module)
+    except ImportError:
+        extra = " (pip install 'survey-infer[gpu]' on an NVIDIA GPU node)" if name == "tensorrt" else ""
+        return f"{module} is not installed{extra}"
+    if wants_gpu and not _cuda_visible():
+        return "no CUDA GPU visible to torch"
+    if name == "onnxruntime" and device.startswith("cuda") and "CUDAExecutionProvider" not in imported.get_available_providers():
+        return "CUDA was asked for but onnxruntime has no CUDAExecutionProvider"
+    return None
+
+
 def _not_here(where: str, device: str, gpu: bool) -> str | None:
     """Why an (engine, device) pair of AUTO_ORDER is not tried with ``--device device``; None: try it."""
     if where == "cuda" and device == "cpu":
