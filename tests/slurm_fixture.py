@@ -36,7 +36,7 @@ def _which(name: str) -> str | None:
 
 def missing_requirements() -> list[str]:
     """Why a single-node SLURM cannot start here (empty: it can)."""
-    missing = [f"{name} not found" for name in ("sbatch", "sinfo", "squeue", "scancel", "slurmctld", "slurmd", "munged", "munge")
+    missing = [f"{name} not found" for name in ("sbatch", "sinfo", "squeue", "scancel", "slurmctld", "slurmd", "munged", "munge", "unmunge")
                if _which(name) is None]  # fmt: skip
     if hasattr(os, "geteuid") and os.geteuid() != 0:
         missing.append("not root (slurmd must run as root)")

@@ -254,3 +254,34 @@ def test_cuda_cluster_shares_the_cores_over_the_gpus(tmp_path, monkeypatch):
     fake.LocalCUDACluster = lambda **kwargs: (_ for _ in ()).throw(RuntimeError("NVML Shared Library Not Found"))
     with pytest.raises(RefusedError, match="could not start a LocalCUDACluster: RuntimeError: NVML Shared Library"):
         cluster_module.cuda_cluster(config(tmp_path, cluster="cuda"))
+
+
+def _fake_bin(tmp_path: Path, scripts: dict[str, str]) -> dict[str, str]:
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_submit_to_pbs_writes_the_script_and_prints_the_job_id(small_store, tiny_bundle, tmp_path, monkeypatch, capsys):
+    env = _fake_bin(tmp_path, {"qsub": 'cp "$1" "$(dirname "$1")/submitted.sh"; echo 123.pbs-head'})
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.chdir(tmp_path)
+    code = main(["submit", "mass_to_light", "--input", str(small_store), "--output", "out", "--bundle", str(tiny_bundle),
+                 "--system", "pbs", "--cores", "4", "--walltime", "00:20:00"])  # fmt: skip
+    assert code == 0 and "submitted pbs job 123.pbs-head" in capsys.readouterr().out
+    script = (tmp_path / "out.job.sh").read_text()
+    assert (tmp_path / "submitted.sh").read_text() == script  # qsub got the script that was written
+    assert "#PBS -l select=1:ncpus=4:mem=3815mb" in script and "#PBS -o out.job.log" in script
+
+
+def test_submit_refuses_when_the_batch_system_says_no(small_store, tiny_bundle, tmp_path, monkeypatch, capsys):
+    env = _fake_bin(tmp_path, {"sbatch": 'echo "sbatch: error: invalid partition specified: nope" >&2; exit 1'})
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.chdir(tmp_path)
+    code = main(["submit", "mass_to_light", "--input", str(small_store), "--output", "out", "--bundle", str(tiny_bundle),
+                 "--system", "slurm", "--queue", "nope"])  # fmt: skip
+    assert code == 2
+    assert "sbatch --parsable" in (err := capsys.readouterr().err) and "invalid partition specified: nope" in err
