@@ -334,6 +334,11 @@ class TensorRTEngine(Engine):
             raise EngineUnavailable(f"TensorRT precision {precision!r}: choose one of {', '.join(TRT_PRECISIONS)}")
         import torch
 
+        if not torch.cuda.is_available():
+            raise EngineUnavailable("TensorRT needs an NVIDIA GPU: torch sees no CUDA device")
+        # the GPU asked for (cuda:N), else the current one; TensorRT builds and runs on the current device
+        self.device = torch.device(device) if device.startswith("cuda:") else torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(self.device)
         version, capability = current_target()
         wanted = plan_key(bundle, precision=precision, profile=default_profile(max_batch),
                           tensorrt_version=version, compute_capability=capability)  # fmt: skip
@@ -350,7 +355,6 @@ class TensorRTEngine(Engine):
         self.precision = precision
         self.trt_version = version
         self.compute_capability = capability
-        self.device = torch.device("cuda", torch.cuda.current_device())
         logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(logger)
         self._engine = self._runtime.deserialize_cuda_engine(self.plan.path.read_bytes())

@@ -166,7 +166,7 @@ class _CudaRunner:
         engine = self.engine
         n_rows = len(inputs[engine.input_names[0]])
         pieces: list[dict[str, np.ndarray]] = []
-        with self.lock, torch.inference_mode():
+        with self.lock, torch.inference_mode(), torch.cuda.device(engine.device):
             if self._shapes_seen is None:
                 self._allocate(inputs)
             for name in engine.input_names:
