@@ -49,7 +49,7 @@ from survey_infer.engines.base import INT8_ONNX_FILE
 from survey_infer.flags import NO_ESTIMATE
 from survey_infer.tasks import get_task
 from survey_infer.trust import TRUST_KEY, load_trust
-from training.trust import Z_68, Z_95, coverage, run_rows, simulate_in_distribution
+from training.trust import STATISTICS_KEY, Z_68, Z_95, coverage, run_rows, simulate_in_distribution
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ood.txt"
 SDSS_G = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "images_sdss_astropydata" / "reprojected_sdss_g.fits.bz2"
@@ -433,8 +433,9 @@ def bench_mass_profiles(bundle: Bundle, args, report: Report) -> None:
 
 def _scores(bundle, engine, sample: dict, task_options: dict | None = None) -> tuple[np.ndarray, dict]:
     trust = load_trust(bundle)
-    out = run_rows(bundle, sample["images"], sample.get("columns", {}), engine_obj=engine, task_options=task_options)
-    score = trust.score(out["features"])
+    out = run_rows(bundle, sample["images"], sample.get("columns", {}), engine_obj=engine, task_options=task_options,
+                   statistics=trust.n_statistics > 0)  # fmt: skip
+    score = trust.score(out["features"], out.get(STATISTICS_KEY))
     score[(out["flag"] & NO_ESTIMATE) != 0] = np.nan
     return score, out
 

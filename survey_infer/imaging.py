@@ -77,3 +77,41 @@ def clipped_sky_and_noise(values: np.ndarray, sigma: float = 3.0, max_iters: int
     deviations = np.sort(np.abs(ordered - middle[:, None]), axis=1)
     noise = 1.4826 * _range_median(deviations, np.zeros(n_rows, dtype=np.int64), n_valid)
     return sky, noise
+
+
+# E[log10(2 z) | z > 0.5] for a standard normal z: the mean height above the log floor (half the noise sigma)
+# of the sky pixels that log_scale does not floor, in dex. Measured on a cutout's border it gives back the dex
+# range that log_scale mapped to [-1, 1], so that the linear light can be recovered up to a constant.
+_SKY_Z = np.linspace(0.5, 9.0, 20001)
+_SKY_DEX_ABOVE_FLOOR = float(np.trapezoid(np.log10(2 * _SKY_Z) * np.exp(-0.5 * _SKY_Z**2), _SKY_Z)
+                             / np.trapezoid(np.exp(-0.5 * _SKY_Z**2), _SKY_Z))  # fmt: skip
+FRAMING_RADII = (0.5, 1.0, 1.5, 2.0)  # in units of the framing radius (the cutout's width / 10)
+PROFILE_EDGES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0)
+LIGHT_STATISTIC_NAMES = tuple(
+    [f"light_fraction_lt_{r:g}" for r in FRAMING_RADII] + ["log_dex_range"]
+    + [f"log_scaled_mean_{a:g}_{b:g}" for a, b in zip(PROFILE_EDGES[:-1], PROFILE_EDGES[1:])]
+)  # fmt: skip
+
+
+def light_statistics(images: np.ndarray, fov_in_radii: float = 10.0) -> np.ndarray:
+    """How a log-scaled cutout's light is laid out for its framing (N, 12) float32.
+
+    A cutout framed ``fov_in_radii`` half-light radii across puts half a galaxy's intrinsic light inside one
+    framing radius; seeing only spreads it. So the fraction of the (recovered linear) light within 0.5, 1, 1.5 and
+    2 framing radii (of that within 4), the dex range the log scaling spanned, and the mean log-scaled value in
+    seven annuli describe what a galaxy of that framing can look like; a point source framed by its own size
+    is too concentrated. Uses the first band.
+    """
+    x = np.asarray(images, dtype=np.float64)[:, 0]
+    n, h, w = x.shape
+    border = x[:, border_mask((h, w))]
+    lifted = border > -0.999  # sky pixels above the floor
+    mean_lift = np.where(lifted, border + 1.0, 0.0).sum(1) / np.maximum(lifted.sum(1), 1)
+    dex_range = 2.0 * _SKY_DEX_ABOVE_FLOOR / np.maximum(mean_lift, 1e-3)
+    light = np.where(x > -0.999, 10.0 ** np.minimum((x + 1.0) * dex_range[:, None, None] / 2.0, 30.0), 0.0)
+    yy, xx = np.indices((h, w)) - (np.array([h, w])[:, None, None] - 1) / 2.0
+    radius = np.hypot(xx, yy) / (w / fov_in_radii)
+    total = np.maximum(light[:, radius < 4.0].sum(1), 1e-30)
+    fractions = [light[:, radius < r].sum(1) / total for r in FRAMING_RADII]
+    annuli = [x[:, (radius >= a) & (radius < b)].mean(1) for a, b in zip(PROFILE_EDGES[:-1], PROFILE_EDGES[1:])]
+    return np.stack(fractions + [np.log10(dex_range)] + annuli, axis=1).astype(np.float32)

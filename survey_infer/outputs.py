@@ -30,8 +30,9 @@ BASE_COLUMNS = [
 
 OOD_SCORE_COLUMN = OutputColumn(
     "ood_score", "float32", "",
-    "out-of-distribution score (Mahalanobis distance of the network's penultimate-layer features from its training "
-    "mocks'); above the run's threshold the row is flagged ood; null where the bundle has no trust description",
+    "out-of-distribution score (Mahalanobis distance of the network's penultimate-layer features, and of the task's "
+    "input statistics where the bundle names them, from its training mocks'); above the run's threshold the row is "
+    "flagged ood; null where the bundle has no trust description",
 )  # fmt: skip
 
 

@@ -10,11 +10,15 @@ A bundle opts in by carrying (all written by ``survey-infer trust``, ``training.
 - a ``trust`` section in ``bundle.json``: the feature transform, the threshold and the quantile it was set at,
   the mocks' seeds and counts, and the uncertainty recalibration that was fitted with them.
 
-The score of a row is the Mahalanobis distance ``|| (t(f) - mean) @ whitening ||`` of its transformed features
+The score of a row is the Mahalanobis distance ``|| (x - mean) @ whitening ||`` of its description ``x``, with
+``whitening @ whitening.T`` the inverse of a Ledoit-Wolf shrunk covariance. ``x`` is the transformed features
 ``t(f)`` (``t`` = ``sqrt`` of the non-negative ReLU activations, which tames their heavy tails, or ``none``;
-the bundle says which), with ``whitening @ whitening.T`` the inverse of a Ledoit-Wolf shrunk covariance. A row whose score
-exceeds the threshold gets the ``ood`` flag: a warning, its estimate is kept. Rows without an estimate
-(``NO_ESTIMATE`` flags) get a NaN score.
+the bundle says which), optionally projected on their leading principal components (``projection`` (F, K) in
+the trust file), followed by the task's input statistics when the bundle names them (``Task.input_statistics``:
+numbers a task measures on its raw input that the network's features need not keep, e.g. how concentrated a
+cutout's light is for its framing, or how much a galaxy's stars rotate). A row whose score exceeds the threshold
+gets the ``ood`` flag: a warning, its estimate is kept. Rows without an estimate (``NO_ESTIMATE`` flags) get a
+NaN score.
 
 The threshold is by default the 99th percentile of the held-out in-distribution scores (1% of in-distribution
 rows are flagged); ``survey-infer run --ood-threshold Q`` picks another quantile Q of the same scores.
@@ -35,7 +39,8 @@ TRUST_FILE = "trust.safetensors"
 TRANSFORMS = ("sqrt", "none")
 SCORE_COLUMN = "ood_score"
 SCORE_DESCRIPTION = ("out-of-distribution score: Mahalanobis distance of the network's penultimate-layer features "
-                     "from the training mocks' (bundle trust section); rows above the threshold are flagged ood")  # fmt: skip
+                     "(and the task's input statistics, where the bundle names them) from the training mocks' "
+                     "(bundle trust section); rows above the threshold are flagged ood")  # fmt: skip
 
 
 def transform_features(features: np.ndarray, transform: str, dtype: type = np.float64) -> np.ndarray:
@@ -59,15 +64,34 @@ class TrustModel:
     reference_scores: np.ndarray  # sorted scores of held-out in-distribution rows
     threshold: float
     threshold_quantile: float
+    projection: np.ndarray | None = None  # (F, K) float32: features onto principal components (None: all F)
+    n_statistics: int = 0  # the task's input statistics appended after the (projected) features
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of each row (N, D) -> float64 (N,)."""
+    @property
+    def n_features(self) -> int:
+        return len(self.projection) if self.projection is not None else len(self.mean) - self.n_statistics
+
+    def describe_rows(self, features: np.ndarray, statistics: np.ndarray | None = None) -> np.ndarray:
+        """The rows' descriptions ``x`` (N, D) float32: transformed, projected features, then the statistics."""
         features = np.asarray(features)
-        if features.ndim != 2 or features.shape[1] != len(self.mean):
+        if features.ndim != 2 or features.shape[1] != self.n_features:
             raise BundleError(f"engine output {FEATURES_OUTPUT!r} has shape {features.shape}; the bundle's trust "
-                              f"description expects (N, {len(self.mean)})")  # fmt: skip
-        # float32 matmul (half the cost of float64 on the run's hot path; scores agree to ~1e-6 relative)
-        centred = transform_features(features, self.transform, np.float32) - self.mean.astype(np.float32)
+                              f"description expects (N, {self.n_features})")  # fmt: skip
+        # float32 matmuls (half the cost of float64 on the run's hot path; scores agree to ~1e-6 relative)
+        x = transform_features(features, self.transform, np.float32)
+        if self.projection is not None:
+            x = x @ self.projection
+        if self.n_statistics:
+            if statistics is None or np.shape(statistics) != (len(x), self.n_statistics):
+                raise BundleError(f"the bundle's trust description needs {self.n_statistics} input statistics per "
+                                  f"row (Task.input_statistics); got {None if statistics is None else np.shape(statistics)}")  # fmt: skip
+            x = np.concatenate([x, np.asarray(statistics, np.float32)], axis=1)
+        return x
+
+    def score(self, features: np.ndarray, statistics: np.ndarray | None = None) -> np.ndarray:
+        """Mahalanobis distance of each row (features (N, F), statistics (N, S) when the bundle uses them) ->
+        float64 (N,)."""
+        centred = self.describe_rows(features, statistics) - self.mean.astype(np.float32)
         whitened = centred @ self.whitening
         return np.sqrt(np.einsum("ij,ij->i", whitened, whitened, dtype=np.float64))
 
@@ -97,6 +121,8 @@ def load_trust(bundle: Bundle) -> TrustModel | None:
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad bundle file
         raise BundleError(f"bundle {bundle.path}: {name} is not a readable safetensors file ({exc})") from exc
     missing = [k for k in ("mean", "whitening", "reference_scores") if k not in arrays]
+    projection = np.asarray(arrays["projection"], np.float32) if "projection" in arrays else None
+    n_statistics = len(section.get("input_statistics", []))
     if missing:
         raise BundleError(f"bundle {bundle.path}: {name} lacks arrays {missing}")
     mean, whitening, reference = (np.asarray(arrays[k], dtype=np.float64) for k in ("mean", "whitening", "reference_scores"))
@@ -106,11 +132,16 @@ def load_trust(bundle: Bundle) -> TrustModel | None:
                           f"{whitening.shape}, reference_scores {reference.shape}; (D,), (D, D), (>=10,) expected")  # fmt: skip
     if not (np.isfinite(mean).all() and np.isfinite(whitening).all() and np.isfinite(reference).all()):
         raise BundleError(f"bundle {bundle.path}: {name} holds non-finite values")
+    if projection is not None and (projection.ndim != 2 or projection.shape[1] + n_statistics != d
+                                   or not np.isfinite(projection).all()):  # fmt: skip
+        raise BundleError(f"bundle {bundle.path}: {name} projection has shape {projection.shape}; (F, "
+                          f"{d - n_statistics}) finite values expected")  # fmt: skip
     transform = section.get("transform", "none")
     if transform not in TRANSFORMS:
         raise BundleError(f"bundle {bundle.path}: trust.transform {transform!r}; one of {TRANSFORMS} expected")
     quantile = float(section["threshold_quantile"])
-    return TrustModel(mean, whitening.astype(np.float32), transform, np.sort(reference), float(section["threshold"]), quantile)
+    return TrustModel(mean, whitening.astype(np.float32), transform, np.sort(reference), float(section["threshold"]),
+                      quantile, projection, n_statistics)  # fmt: skip
 
 
 _CACHE: dict[tuple[str, str], TrustModel | None] = {}
@@ -151,14 +182,15 @@ def resolve_threshold(bundle: Bundle, quantile: float | None) -> dict[str, Any]:
 
 
 def score_rows(trust: TrustModel | None, outputs: dict[str, np.ndarray], flags: np.ndarray, threshold: float | None,
-               no_estimate: int, ood_bit: int) -> np.ndarray:  # fmt: skip
-    """``ood_score`` (float32, NaN without trust or estimate) for a batch; sets ``ood_bit`` in ``flags`` in place."""
+               no_estimate: int, ood_bit: int, statistics: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """``ood_score`` (float32, NaN without trust or estimate) for a batch; sets ``ood_bit`` in ``flags`` in place.
+    ``statistics``: the task's input statistics of the batch, when the bundle's trust uses them."""
     n = len(flags)
     if trust is None:
         return np.full(n, np.nan, dtype=np.float32)
     if FEATURES_OUTPUT not in outputs:
         raise BundleError(f"the engine returned no {FEATURES_OUTPUT!r} output, which the bundle's trust needs")
-    score = trust.score(outputs[FEATURES_OUTPUT])
+    score = trust.score(outputs[FEATURES_OUTPUT], statistics)
     score[(flags & no_estimate) != 0] = np.nan
     limit = trust.threshold if threshold is None else threshold
     with np.errstate(invalid="ignore"):

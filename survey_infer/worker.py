@@ -194,7 +194,8 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
         infer_seconds += time.perf_counter() - tick
         flags |= store_flags
         results = task.postprocess(outputs, batch_columns, flags, bundle)
-        score = score_rows(trust, outputs, flags, spec.ood_threshold, NO_ESTIMATE, FLAG_BITS["ood"])
+        statistics = task.input_statistics(images, bundle) if trust is not None and trust.n_statistics else None
+        score = score_rows(trust, outputs, flags, spec.ood_threshold, NO_ESTIMATE, FLAG_BITS["ood"], statistics)
         pieces.append({**results, SCORE_COLUMN: score, "flag": flags})
 
     merged = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}

@@ -18,12 +18,15 @@ from survey_infer.config import RunConfig
 from survey_infer.engines import make_engine
 from survey_infer.errors import BundleError, RefusedError
 from survey_infer.flags import FLAG_BITS
+from survey_infer.imaging import LIGHT_STATISTIC_NAMES, light_statistics
 from survey_infer.pipeline import run_pipeline
 from survey_infer.store import write_block
 from survey_infer.trust import TRUST_FILE, load_trust
 from tests.conftest import make_tiny_bundle, read_parts
 from training.mock import write_mock_cutouts
-from training.trust import Z_68, Z_95, coverage, fit_error_scale, fit_trust, run_rows, simulate_in_distribution
+from training.trust import (
+    STATISTICS_KEY, Z_68, Z_95, coverage, fit_error_scale, fit_trust, run_rows, simulate_in_distribution,
+)
 
 N_MOCK, N_NOISE = 96, 16  # rows 0-95 mock galaxies; 96-103 uniform noise, 104-111 blank sky (log-scaled)
 
@@ -177,13 +180,66 @@ def test_fit_trust_writes_a_checked_description(tmp_path):
     assert bundle.output_spec["ml_g_err"]["scale"] == pytest.approx(recal["temperature"], rel=1e-5)
     # fresh in-distribution rows through the same path: about 1% above the threshold, and the scale applied
     sample = simulate_in_distribution(bundle, 400, seed=970_003)
-    out = run_rows(bundle, sample.images, sample.columns)
-    assert np.mean(trust.score(out["features"]) > trust.threshold) < 0.05
+    out = run_rows(bundle, sample.images, sample.columns, statistics=True)
+    assert np.mean(trust.score(out["features"], out[STATISTICS_KEY]) > trust.threshold) < 0.05
+    # the description: the features' leading principal components, then the task's input statistics
+    assert section["input_statistics"] == list(LIGHT_STATISTIC_NAMES) and trust.n_statistics == 12
+    assert trust.projection.shape == (out["features"].shape[1], section["projection"]["components"])
+    with pytest.raises(BundleError, match="needs 12 input statistics per row"):
+        trust.score(out["features"])
     with pytest.raises(BundleError, match="used seeds"):
         meta = json.loads((bundle_dir / BUNDLE_JSON).read_text())
         meta["training"]["seeds"] = {"train": [970_000, 970_010]}
         write_json_atomic(bundle_dir / BUNDLE_JSON, meta)
         fit_trust(bundle_dir, n_fit=50, n_held_out=50, seeds={"fit": 970_001, "held_out": 970_002})
+
+
+def _point_sources(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian point sources whose half-light radius is the framing radius (size / 10), log-scaled."""
+    from survey_infer.imaging import log_scale
+
+    yy, xx = np.indices((size, size)) - (size - 1) / 2
+    sigma = (size / 10) / 1.1774  # half width at half maximum = the framing radius
+    star = np.exp(-0.5 * (xx**2 + yy**2) / sigma**2)
+    raw = star[None] * 10 ** rng.uniform(1.5, 3, n)[:, None, None] + rng.normal(0, 1, (n, size, size))
+    return log_scale(raw, np.ones(n))[:, None]
+
+
+def test_light_statistics_see_a_point_source_framed_by_its_own_size():
+    from training.sim.universe import simulate
+
+    rng = np.random.default_rng(4)
+    galaxies = light_statistics(simulate(200, size=69, seed=971_001).images)
+    stars = light_statistics(_point_sources(200, 69, rng))
+    k = LIGHT_STATISTIC_NAMES.index("light_fraction_lt_2")
+    # a galaxy framed by its intrinsic half-light radius spreads beyond it (profile wings, seeing): a star does not
+    assert np.median(stars[:, k]) > np.quantile(galaxies[:, k], 0.75)
+    dex = np.log10(np.log10(2 * 10 ** np.array([1.5, 3.0])))  # what log_scale spanned: peak / (sigma / 2)
+    j = LIGHT_STATISTIC_NAMES.index("log_dex_range")
+    assert dex[0] - 0.15 < np.median(stars[:, j]) < dex[1] + 0.15  # recovered from the sky pixels alone
+
+
+def test_kinematic_statistics_see_rotation_and_a_flat_tracer():
+    from survey_infer.kinematics import StarBatch
+    from survey_infer.tasks.mass_profiles import KINEMATIC_STATISTIC_NAMES, kinematic_statistics
+
+    rng = np.random.default_rng(5)
+    n = 400
+    radius = 1.0 / np.sqrt(rng.uniform(0.01, 1, n) ** (-2 / 3) - 1)  # Plummer, scale 1
+    phi = rng.uniform(0, 2 * np.pi, n)
+    x, y = radius * np.cos(phi), radius * np.sin(phi)
+    hot = (x, y, rng.normal(0, 10, n), np.ones(n))
+    spinning = (x, y, 15 * np.tanh(radius) * np.cos(phi) + rng.normal(0, 3, n), np.ones(n))  # v along x: rotation
+    flat_r = 2 * np.sqrt(rng.uniform(0, 1, n))
+    flat = (flat_r * np.cos(phi), flat_r * np.sin(phi), rng.normal(0, 10, n), np.ones(n))
+    stats = dict(zip(("hot", "spinning", "flat"), kinematic_statistics(StarBatch.from_lists([hot, spinning, flat]))))
+    rot, beyond, kurt = (KINEMATIC_STATISTIC_NAMES.index(k) for k in
+                         ("rotation_over_dispersion", "star_fraction_gt_2rh", "velocity_kurtosis"))  # fmt: skip
+    assert stats["spinning"][rot] > 0.2 > 5 * stats["hot"][rot]  # a velocity gradient across the galaxy
+    assert stats["spinning"][kurt] < 2.3  # and a flat-topped, double-horned velocity distribution
+    assert stats["flat"][beyond] == 0.0 < stats["hot"][beyond]  # a uniform disc ends at 1.41 R_h
+    assert 2.4 < stats["hot"][kurt] < 3.6
+    assert stats["hot"][-1] == pytest.approx(np.log10(n))
 
 
 def test_cli_has_the_trust_command_and_the_ood_threshold_option():

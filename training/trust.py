@@ -54,6 +54,7 @@ from survey_infer.trust import TRUST_FILE, TrustModel, transform_features
 log = logging.getLogger(__name__)
 
 THRESHOLD_QUANTILE = 0.99
+STATISTICS_KEY = "_input_statistics"
 # Feature transform per task, chosen by comparing sqrt and none on bench/ood.py's shift families (other seeds
 # and counts than the bench's run, but the same kinds of shift: those AUROCs are not blind): sqrt tames the
 # heavy tails of mass_to_light's max-pooled features (uniform noise AUROC 0.94 -> 0.995); for star_clusters the
@@ -62,6 +63,9 @@ THRESHOLD_QUANTILE = 0.99
 TRANSFORM = {"mass_to_light": "sqrt", "star_clusters": "none", "mass_profiles": "none",
              "property_maps": "none"}  # property_maps: mean-pooled bottleneck ReLUs; not tuned on shifts
 DEFAULT_TRANSFORM = "sqrt"
+# Principal components of the features kept for the score, where the task's input statistics would otherwise
+# be drowned among many features (mass_to_light: 512 activations beside 12 statistics).
+PROJECTION_COMPONENTS = {"mass_to_light": 8}
 Z_68, Z_95 = 1.0, 1.959964  # half-widths of the 68.27% and 95% Gaussian intervals, in sigma
 NOMINAL = {"68": 0.682689, "95": 0.95}
 # Fresh seeds for the trust mocks, per task: not the training (1e6.., 3e6..), validation (2e6.., 4e6..), the
@@ -168,11 +172,12 @@ def simulate_in_distribution(bundle: Bundle, n: int, seed: int, **observing: Any
 
 def run_rows(bundle: Bundle, images: np.ndarray, columns: dict[str, np.ndarray], *, engine: str = "onnxruntime",
              precision: str = "fp32", threads: int = 1, engine_obj=None,
-             task_options: dict[str, str] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+             task_options: dict[str, str] | None = None, statistics: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
     """A run's path for in-memory rows: task.prepare -> engine.run -> task.postprocess, batch by batch.
 
     ``images`` is an image array, or a StarBatch for a kinematics task; ``task_options`` as ``--task-option``.
-    Returns the catalog columns, ``flag`` and the engine's ``features`` (when it has them)."""
+    Returns the catalog columns, ``flag``, the engine's ``features`` (when it has them) and, with
+    ``statistics``, the task's input statistics under STATISTICS_KEY."""
     task = get_task(bundle.task)
     if task_options:
         task = task.with_options(task_options)
@@ -188,6 +193,8 @@ def run_rows(bundle: Bundle, images: np.ndarray, columns: dict[str, np.ndarray],
         result = task.postprocess(outputs, cols, flags, bundle)
         if FEATURES_OUTPUT in outputs:
             result[FEATURES_OUTPUT] = outputs[FEATURES_OUTPUT]
+        if statistics:
+            result[STATISTICS_KEY] = task.input_statistics(batch, bundle)
         pieces.append({**result, "flag": flags})
     return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
@@ -301,10 +308,23 @@ def _check_seeds(bundle: Bundle, seeds: dict[str, int]) -> None:
         raise BundleError(f"bundle {bundle.id} used seeds {sorted(clash)}, which trust would re-use; pick others")
 
 
+def _principal_components(features: np.ndarray, components: int | None) -> tuple[np.ndarray | None, float]:
+    """The (F, K) projection on the leading ``components`` principal axes and the variance they explain."""
+    if not components or components >= features.shape[1]:
+        return None, 1.0
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=components, random_state=0).fit(features)
+    return pca.components_.T.astype(np.float32), float(pca.explained_variance_ratio_.sum())
+
+
 def fit_trust(bundle_dir: str | Path, *, n_fit: int = 8000, n_held_out: int = 8000, engine: str = "onnxruntime",
               threads: int = 1, int8_store: Path | None = None, seeds: dict[str, int] | None = None,
-              transform: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """Write the bundle's trust description (see the module doc); returns the ``trust`` section written."""
+              transform: str | None = None, components: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Write the bundle's trust description (see the module doc); returns the ``trust`` section written.
+
+    ``components``: principal components of the features kept (default PROJECTION_COMPONENTS, else all); the
+    task's input statistics (``Task.input_statistic_names``) are appended when it has any."""
     from safetensors.numpy import save_file
     from sklearn.covariance import LedoitWolf
 
@@ -318,26 +338,40 @@ def fit_trust(bundle_dir: str | Path, *, n_fit: int = 8000, n_held_out: int = 80
     _check_seeds(bundle, seeds)
     transform = transform or TRANSFORM.get(bundle.task, DEFAULT_TRANSFORM)
     engine_obj = make_engine(engine, bundle, threads=threads)
+    task = get_task(bundle.task)
+    statistic_names = list(task.input_statistic_names)
+    components = components if components is not None else PROJECTION_COMPONENTS.get(bundle.task)
     runs = {}
     for split, n in (("fit", n_fit), ("held_out", n_held_out)):
         tick = time.time()
         sample = simulate_in_distribution(bundle, n, seeds[split])
-        out = run_rows(bundle, sample.images, sample.columns, engine_obj=engine_obj)
+        out = run_rows(bundle, sample.images, sample.columns, engine_obj=engine_obj, statistics=bool(statistic_names))
         usable = (out["flag"] & NO_ESTIMATE) == 0
         runs[split] = (sample, out, usable)
         log.info("trust %s: %d mocks simulated and run in %.1f s", split, n, time.time() - tick)
 
     _, fit_out, fit_ok = runs["fit"]
-    lw = LedoitWolf().fit(transform_features(fit_out[FEATURES_OUTPUT][fit_ok], transform))
+    fit_features = fit_out[FEATURES_OUTPUT][fit_ok]
+    projection, explained = _principal_components(transform_features(fit_features, transform), components)
+
+    def rows(out: dict[str, np.ndarray], ok: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return out[FEATURES_OUTPUT][ok], (out[STATISTICS_KEY][ok] if statistic_names else None)
+
+    described = transform_features(fit_features, transform)
+    if projection is not None:
+        described = described @ projection.astype(np.float64)
+    if statistic_names:
+        described = np.concatenate([described, fit_out[STATISTICS_KEY][fit_ok].astype(np.float64)], axis=1)
+    lw = LedoitWolf().fit(described)
     precision = (lw.precision_ + lw.precision_.T) / 2
     whitening = np.linalg.cholesky(precision)  # L L^T = precision: d P d^T = |d L|^2
-    model = TrustModel(lw.location_, whitening, transform, np.zeros(10), np.inf, THRESHOLD_QUANTILE)
+    model = TrustModel(lw.location_, whitening, transform, np.zeros(10), np.inf, THRESHOLD_QUANTILE, projection,
+                       len(statistic_names))  # fmt: skip
     sample, held_out, held_ok = runs["held_out"]
-    reference = np.sort(model.score(held_out[FEATURES_OUTPUT][held_ok]))
+    reference = np.sort(model.score(*rows(held_out, held_ok)))
     threshold = float(np.quantile(reference, THRESHOLD_QUANTILE))
-    fit_scores = model.score(fit_out[FEATURES_OUTPUT][fit_ok])
+    fit_scores = model.score(*rows(fit_out, fit_ok))
 
-    task = get_task(bundle.task)
     meta_path = bundle_dir / BUNDLE_JSON
     meta = json.loads(meta_path.read_text())
     recalibration = {}
@@ -369,14 +403,21 @@ def fit_trust(bundle_dir: str | Path, *, n_fit: int = 8000, n_held_out: int = 80
                      "samples_per_row": int(held_out["log_mass_samples"].shape[1]),
                      "coverage": {k: {"68": round(float(cov["68"][i]), 4), "95": round(float(cov["95"][i]), 4)}
                                   for i, k in enumerate(names_r)}}  # fmt: skip
-    save_file({"mean": lw.location_.astype(np.float64), "whitening": whitening.astype(np.float64),
-               "reference_scores": reference.astype(np.float64)}, str(bundle_dir / TRUST_FILE))  # fmt: skip
+    arrays = {"mean": lw.location_.astype(np.float64), "whitening": whitening.astype(np.float64),
+              "reference_scores": reference.astype(np.float64)}  # fmt: skip
+    if projection is not None:
+        arrays["projection"] = projection.astype(np.float64)
+    save_file(arrays, str(bundle_dir / TRUST_FILE))
     section = {
         "file": TRUST_FILE,
         "method": "mahalanobis",
         "features": f"engine output {FEATURES_OUTPUT!r}: the penultimate layer ({fit_out[FEATURES_OUTPUT].shape[1]} "
                     "activations)",
         "transform": transform,
+        **({"projection": {"method": "the transformed features projected on their leading principal axes "
+                                     "(sklearn PCA on the fit mocks)", "components": int(projection.shape[1]),
+                           "explained_variance_ratio": round(explained, 4)}} if projection is not None else {}),
+        **({"input_statistics": statistic_names} if statistic_names else {}),
         "covariance": "Ledoit-Wolf shrinkage (sklearn.covariance.LedoitWolf)",
         "shrinkage": float(lw.shrinkage_),
         "threshold": threshold,

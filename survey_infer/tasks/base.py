@@ -68,6 +68,13 @@ class Task:
         """Row-aligned arrays written to ``array_store`` (survey_infer.array_outputs); none by default."""
         return []
 
+    input_statistic_names: ClassVar[tuple[str, ...]] = ()  # what input_statistics returns, in order
+
+    def input_statistics(self, batch, bundle: Bundle) -> np.ndarray:
+        """Per-row numbers measured on the raw input batch (N, len(input_statistic_names)) float32, which the
+        ood score uses beside the network's features when the bundle's trust names them (survey_infer.trust)."""
+        raise NotImplementedError(f"task {self.name} measures no input statistics")
+
     def finish_unit(self, results: dict[str, np.ndarray], columns: dict[str, np.ndarray], bundle: Bundle) -> UnitResult:
         """Turn a unit's concatenated postprocess results (with ``ood_score`` and ``flag``) into what it writes.
 

@@ -163,8 +163,45 @@ def sample_posterior(model, features: np.ndarray, log_mass: np.ndarray, n_sample
     return samples.numpy().astype(np.float32)
 
 
+KINEMATIC_STATISTIC_NAMES = ("velocity_kurtosis", "rotation_over_dispersion", "star_fraction_lt_half_rh",
+                             "star_fraction_gt_2rh", "log_n_stars")  # fmt: skip
+
+
+def kinematic_statistics(stars: StarBatch) -> np.ndarray:
+    """What a dispersion-supported tracer's stars look like, per galaxy (N, 5) float32, for the ood score.
+
+    The kurtosis of the line-of-sight velocities; the velocity gradient of a plane ``v = a x + b y`` fitted to
+    them, times R_h, over their dispersion (rotation, which the training DFs do not have); the fractions of
+    stars inside R_h / 2 and beyond 2 R_h (the tracer's profile; R_h = their median radius); log10 of the number
+    of stars. Galaxies without stars get zeros (they are flagged few_stars and get no score).
+    """
+    n, counts = len(stars), stars.counts
+    gal = np.repeat(np.arange(n), counts)
+    safe = np.maximum(counts, 1).astype(np.float64)
+    radius = np.hypot(stars.x, stars.y)
+    r_half = np.ones(n)
+    for k in np.flatnonzero(counts >= 1):
+        r_half[k] = max(float(np.median(radius[stars.offsets[k] : stars.offsets[k + 1]])), 1e-12)
+    dv = stars.v_los - (_segment_sum(stars.v_los, gal, n) / safe)[gal]
+    var = np.maximum(_segment_sum(dv**2, gal, n) / safe, 1e-12)
+    kurtosis = _segment_sum(dv**4, gal, n) / safe / var**2
+    sxx, syy, sxy = (_segment_sum(a * b, gal, n) for a, b in ((stars.x, stars.x), (stars.y, stars.y), (stars.x, stars.y)))
+    sxv, syv = _segment_sum(stars.x * dv, gal, n), _segment_sum(stars.y * dv, gal, n)
+    det = sxx * syy - sxy**2
+    det = np.where(det > 0, det, np.inf)  # fewer than 3 stars in general position: no gradient
+    gradient = np.hypot((syy * sxv - sxy * syv) / det, (sxx * syv - sxy * sxv) / det)
+    scaled = radius / r_half[gal]
+    inner = _segment_sum((scaled < 0.5).astype(np.float64), gal, n) / safe
+    outer = _segment_sum((scaled > 2.0).astype(np.float64), gal, n) / safe
+    return np.stack([kurtosis, gradient * r_half / np.sqrt(var), inner, outer, np.log10(safe)], 1).astype(np.float32)
+
+
 class MassProfiles(Task):
     name = "mass_profiles"
+    input_statistic_names = KINEMATIC_STATISTIC_NAMES  # the ood score's view of the stars (trust)
+
+    def input_statistics(self, batch: StarBatch, bundle: Bundle) -> np.ndarray:
+        return kinematic_statistics(batch)
     store_kind = "kinematics"
 
     option_names = ("samples",)

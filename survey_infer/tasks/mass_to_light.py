@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from survey_infer.bundle import Bundle
-from survey_infer.stamps import FOV_IN_HALF_LIGHT_RADII
 from survey_infer.flags import FLAG_BITS, NO_ESTIMATE, image_flags
+from survey_infer.imaging import LIGHT_STATISTIC_NAMES, light_statistics
+from survey_infer.stamps import FOV_IN_HALF_LIGHT_RADII
 from survey_infer.tasks.base import CutoutTask, OutputColumn
 
 LUMINOSITY_COLUMN = "lum_g"
@@ -20,6 +21,11 @@ LUMINOSITY_COLUMN = "lum_g"
 
 class MassToLight(CutoutTask):
     name = "mass_to_light"
+    input_statistic_names = LIGHT_STATISTIC_NAMES  # the ood score's view of the light profile (trust)
+
+    def input_statistics(self, batch: np.ndarray, bundle: Bundle) -> np.ndarray:
+        """How concentrated each cutout's light is for its framing (survey_infer.imaging.light_statistics)."""
+        return light_statistics(batch, FOV_IN_HALF_LIGHT_RADII)
 
     def meta_spec(self, bundle: Bundle) -> dict | None:
         return bundle.input_spec.get("meta")
