@@ -193,3 +193,110 @@ def test_engine_refuses_without_a_gpu(shipped, monkeypatch):
         trt_engine.TensorRTEngine(shipped)
     with pytest.raises(EngineUnavailable, match="no model.onnx"):
         trt_engine.onnx_sha256(types.SimpleNamespace(onnx_path=None, id="x"))
+
+
+# ---------------------------------------------------------------- the builder's use of the TensorRT API, on a stand-in
+# (the real build runs in test_gpu.py; here: profile shapes from the bundle's ONNX, flags per precision, errors)
+
+class _FakeTensorRT(types.ModuleType):
+    """Just enough of the tensorrt module for build_plan_bytes; records what the builder was asked for."""
+
+    def __init__(self, parse_ok=True, plan=b"PLAN"):
+        super().__init__("tensorrt")
+        import onnx
+
+        fake = self
+        self.__version__ = "10.3.0"
+        self.calls = {"profile": {}, "flags": set(), "cleared": set(), "network_flags": None}
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None})
+        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0)
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+        self.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8", TF32="TF32")
+
+        class Network:
+            inputs: list = []
+
+            @property
+            def num_inputs(self):
+                return len(self.inputs)
+
+            def get_input(self, index):
+                return self.inputs[index]
+
+        class Parser:
+            num_errors = 0 if parse_ok else 1
+
+            def __init__(self, network, logger):
+                self.network = network
+
+            def parse_from_file(self, path):
+                model = onnx.load(path, load_external_data=False)
+                self.network.inputs = [
+                    types.SimpleNamespace(name=i.name, shape=tuple(d.dim_value if d.dim_value else -1
+                                                                   for d in i.type.tensor_type.shape.dim))
+                    for i in model.graph.input]  # fmt: skip
+                return parse_ok
+
+            def get_error(self, index):
+                return "In node 3 (Conv): unsupported padding"
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls["workspace"] = size
+
+            def set_flag(self, flag):
+                fake.calls["flags"].add(flag)
+
+            def clear_flag(self, flag):
+                fake.calls["cleared"].add(flag)
+
+            def add_optimization_profile(self, profile):
+                fake.calls["profiles_added"] = fake.calls.get("profiles_added", 0) + 1
+
+        class Profile:
+            def set_shape(self, name, low, opt, high):
+                fake.calls["profile"][name] = (low, opt, high)
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.calls["network_flags"] = flags
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return plan
+
+        self.OnnxParser, self.Builder = Parser, Builder
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_builder_profile_and_flags(shipped, monkeypatch, precision):
+    fake = _FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    plan = trt_engine.build_plan_bytes(shipped, key(precision=precision, profile=(1, 64, 512)))
+    assert plan == b"PLAN" and fake.calls["network_flags"] == 0  # TensorRT 10: explicit batch, no flag
+    assert fake.calls["profile"] == {"image": ((1, 1, 69, 69), (64, 1, 69, 69), (512, 1, 69, 69))}
+    assert fake.calls["profiles_added"] == 1
+    if precision == "fp16":
+        assert fake.calls["flags"] == {"FP16"} and not fake.calls["cleared"]
+    else:
+        assert fake.calls["flags"] == set() and fake.calls["cleared"] == {"TF32"}  # fp32 means fp32
+
+
+def test_builder_errors_are_engine_unavailable(shipped, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTensorRT(parse_ok=False))
+    with pytest.raises(EngineUnavailable, match="could not parse .*model.onnx: In node 3 \\(Conv\\): unsupported padding"):
+        trt_engine.build_plan_bytes(shipped, key())
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTensorRT(plan=None))
+    with pytest.raises(EngineUnavailable, match="failed to build a fp16 plan"):
+        trt_engine.build_plan_bytes(shipped, key())
+    with pytest.raises(EngineUnavailable, match="int8 TensorRT plan needs calibration rows"):
+        trt_engine.build_plan_bytes(shipped, key(precision="int8"))
