@@ -1,15 +1,18 @@
 """PyTorch engine: CPU float32, or CUDA (float32, or half precision where the bundle allows it).
 
 On CUDA the engine keeps the model in channels_last, stages each batch through pinned host buffers with
-non-blocking copies on its own stream, and replays a CUDA graph captured for a fixed batch size
-(``CUDA_BATCH`` rows; a smaller batch uses the first rows of the graph's static buffers, a larger one is run in
-pieces). Rows are independent in eval mode, so the unused rows of a partial batch change nothing. Where graph
-capture fails the engine runs eagerly and says so in its description.
+non-blocking copies, and replays a CUDA graph captured for a fixed batch size (``CUDA_BATCH`` rows; a smaller
+batch uses the first rows of the graph's static buffers, a larger one is run in pieces). Rows are independent
+in eval mode, so the unused rows of a partial batch change nothing. It has ``CUDA_SLOTS`` such sets of
+buffers, graph and stream: a worker's threads each take a free one, so one batch's host-to-device copy overlaps
+another's kernels. All graphs are captured together before the first batch runs (capture must not overlap other
+CUDA work). Where capture fails the engine runs eagerly and says so in its description.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 
 import numpy as np
@@ -22,6 +25,7 @@ log = logging.getLogger(__name__)
 CPU_SUB_BATCH = 32
 CUDA_BATCH = 1024  # the fixed batch of the CUDA graph (and of the pinned staging buffers)
 GRAPH_WARMUP = 3
+CUDA_SLOTS = 2  # buffer/graph/stream sets: copies of one batch overlap the kernels of another
 
 
 def resolve_torch_device(device: str) -> torch.device:
@@ -50,7 +54,7 @@ class TorchEngine(Engine):
     name = "torch"
 
     def __init__(self, bundle, *, threads: int = 1, device: str = "auto", half: bool = False, precision: str = "fp32",
-                 cuda_graphs: bool = True, cuda_batch: int = CUDA_BATCH):  # fmt: skip
+                 cuda_graphs: bool = True, cuda_batch: int = CUDA_BATCH, cuda_slots: int = CUDA_SLOTS):  # fmt: skip
         super().__init__(bundle)
         if precision not in ("fp32", "fp16"):
             raise EngineUnavailable(f"the torch engine runs fp32 or fp16 (on a GPU), not {precision}")
@@ -74,9 +78,25 @@ class TorchEngine(Engine):
         model = model.to(memory_format=torch.channels_last)
         self.model = model.half() if self.half else model
         self.sub_batch = CPU_SUB_BATCH if self.device.type == "cpu" else None
-        self._cuda: _CudaRunner | None = None
+        self._cuda: list[_CudaRunner] = []
+        self._free: queue.Queue = queue.Queue()
+        self._ready = threading.Lock()
         if self.device.type == "cuda":
-            self._cuda = _CudaRunner(self, cuda_batch, cuda_graphs)
+            self._cuda = [_CudaRunner(self, cuda_batch, cuda_graphs) for _ in range(max(1, cuda_slots))]
+            for runner in self._cuda:
+                self._free.put(runner)
+
+    def _run_cuda(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._ready:  # the first call sets every slot up (and captures its graph) before any replays
+            if self._cuda[0].shapes is None:
+                with torch.cuda.device(self.device):
+                    for runner in self._cuda:
+                        runner.allocate(inputs)
+        runner = self._free.get()
+        try:
+            return runner.run(inputs)
+        finally:
+            self._free.put(runner)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
@@ -88,8 +108,8 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._cuda is not None:
-            return self._cuda.run(inputs)
+        if self._cuda:
+            return self._run_cuda(inputs)
         n_rows = len(inputs[self.input_names[0]])
         step = self.sub_batch or max(n_rows, 1)
         pieces: list[list[np.ndarray]] = [[] for _ in self.output_names]
@@ -106,19 +126,18 @@ class TorchEngine(Engine):
     def info(self) -> dict:
         info = {"name": self.name, "device": str(self.device), "precision": "fp16" if self.half else "fp32",
                 "torch": torch.__version__}  # fmt: skip
-        if self._cuda is not None:
-            info.update(self._cuda.info())
+        if self._cuda:
+            info.update(self._cuda[0].info(), cuda_slots=len(self._cuda))
         return info
 
 
 class _CudaRunner:
-    """Pinned host buffers, a side stream and (where capture works) one CUDA graph for a fixed batch."""
+    """One slot: pinned host buffers, a stream and (where capture works) a CUDA graph for a fixed batch."""
 
     def __init__(self, engine: TorchEngine, batch: int, graphs: bool):
         self.engine = engine
         self.batch = batch
         self.stream = torch.cuda.Stream(device=engine.device)
-        self.lock = threading.Lock()  # one set of static buffers: the worker's threads take turns on the GPU
         self.host_in: dict[str, torch.Tensor] = {}
         self.static_in: dict[str, torch.Tensor] = {}
         self.host_out: dict[str, torch.Tensor] = {}
@@ -126,13 +145,13 @@ class _CudaRunner:
         self.static_out: list[torch.Tensor] | None = None
         self.graph_error = ""
         self.graphs = graphs
-        self._shapes_seen: dict[str, tuple[int, ...]] | None = None
+        self.shapes: dict[str, tuple[int, ...]] | None = None
 
-    def _allocate(self, inputs: dict[str, np.ndarray]) -> None:
+    def allocate(self, inputs: dict[str, np.ndarray]) -> None:
         """Buffers for the row shapes of the first batch (every batch of a run has the same row shape)."""
         engine = self.engine
-        self._shapes_seen = {n: tuple(inputs[n].shape[1:]) for n in engine.input_names}
-        for name, shape in self._shapes_seen.items():
+        shapes = {n: tuple(inputs[n].shape[1:]) for n in engine.input_names}
+        for name, shape in shapes.items():
             self.host_in[name] = torch.empty((self.batch, *shape), dtype=torch.float32, pin_memory=True)
             static = torch.zeros((self.batch, *shape), dtype=engine.dtype, device=engine.device)
             self.static_in[name] = static.contiguous(memory_format=torch.channels_last) if static.ndim == 4 else static
@@ -146,6 +165,7 @@ class _CudaRunner:
         outputs = self.static_out or self._forward()
         for name, out in zip(engine.output_names, outputs):
             self.host_out[name] = torch.empty(tuple(out.shape), dtype=torch.float32, pin_memory=True)
+        self.shapes = shapes
 
     def _forward(self) -> list[torch.Tensor]:
         outputs = self.engine.model(*[self.static_in[n] for n in self.engine.input_names])
@@ -166,13 +186,11 @@ class _CudaRunner:
         engine = self.engine
         n_rows = len(inputs[engine.input_names[0]])
         pieces: list[dict[str, np.ndarray]] = []
-        with self.lock, torch.inference_mode(), torch.cuda.device(engine.device):
-            if self._shapes_seen is None:
-                self._allocate(inputs)
+        with torch.inference_mode(), torch.cuda.device(engine.device):
             for name in engine.input_names:
-                if tuple(inputs[name].shape[1:]) != self._shapes_seen[name]:
+                if tuple(inputs[name].shape[1:]) != self.shapes[name]:
                     raise ValueError(f"input {name}: rows of shape {inputs[name].shape[1:]}, the engine was "
-                                     f"set up for {self._shapes_seen[name]}")  # fmt: skip
+                                     f"set up for {self.shapes[name]}")  # fmt: skip
             for start, rows in fixed_batch_pieces(n_rows, self.batch):
                 with torch.cuda.stream(self.stream):
                     for name in engine.input_names:
