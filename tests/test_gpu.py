@@ -116,3 +116,19 @@ def test_auto_prefers_tensorrt_then_torch_cuda(setup, tmp_path, monkeypatch):
         assert selection["skipped"][0]["engine"] == "tensorrt-cuda"
     else:
         assert selection["chosen"] == "tensorrt-cuda", selection
+
+
+def test_torch_cuda_slots_give_each_thread_its_own_rows(setup):
+    """Threads sharing one engine (as a worker's do) each get their own rows back, through both slots."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from survey_infer.engines.torch_engine import TorchEngine
+
+    bundle, inputs, expected = setup
+    engine = TorchEngine(bundle, device="cuda", cuda_batch=128)
+    slices = [slice(s, s + 64) for s in range(0, 512, 64)] * 4
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda s: (s, engine.run({k: v[s] for k, v in inputs.items()})), slices))
+    for s, got in results:
+        check(got, {k: v[s] for k, v in expected.items()}, FP32_TOLERANCE)
+    assert engine.describe()["cuda_slots"] == 2
