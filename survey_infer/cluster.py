@@ -67,8 +67,6 @@ def jobqueue_cluster(config: RunConfig):
     )  # fmt: skip
     if config.interface:  # scheduler and workers listen on this interface (lo: a single-node cluster)
         kwargs["interface"] = config.interface
-    if config.worker_wait:  # a worker whose scheduler is gone exits instead of holding its allocation
-        kwargs["death_timeout"] = max(60, int(config.worker_wait))
     cls = dask_jobqueue.SLURMCluster if config.cluster == "slurm" else dask_jobqueue.PBSCluster
     job_logs_dir(config).mkdir(parents=True, exist_ok=True)
     return cls(**kwargs)
