@@ -201,12 +201,12 @@ def test_engine_refuses_without_a_gpu(shipped, monkeypatch):
 class _FakeTensorRT(types.ModuleType):
     """Just enough of the tensorrt module for build_plan_bytes; records what the builder was asked for."""
 
-    def __init__(self, parse_ok=True, plan=b"PLAN"):
+    def __init__(self, parse_ok=True, plan=b"PLAN", version="10.3.0"):
         super().__init__("tensorrt")
         import onnx
 
         fake = self
-        self.__version__ = "10.3.0"
+        self.__version__ = version
         self.calls = {"profile": {}, "flags": set(), "cleared": set(), "network_flags": None}
         self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None})
         self.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0)
@@ -229,8 +229,11 @@ class _FakeTensorRT(types.ModuleType):
             def __init__(self, network, logger):
                 self.network = network
 
-            def parse_from_file(self, path):
-                model = onnx.load(path, load_external_data=False)
+            def parse(self, data):
+                model = onnx.load_from_string(data)
+                fake.calls["float16_initializers"] = sum(i.data_type == onnx.TensorProto.FLOAT16
+                                                         for i in model.graph.initializer)  # fmt: skip
+                fake.calls["io_types"] = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
                 self.network.inputs = [
                     types.SimpleNamespace(name=i.name, shape=tuple(d.dim_value if d.dim_value else -1
                                                                    for d in i.type.tensor_type.shape.dim))
@@ -277,18 +280,55 @@ class _FakeTensorRT(types.ModuleType):
         self.OnnxParser, self.Builder = Parser, Builder
 
 
+@pytest.mark.parametrize("version", ["10.3.0", "11.4.0"])
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
-def test_builder_profile_and_flags(shipped, monkeypatch, precision):
-    fake = _FakeTensorRT()
+def test_builder_profile_and_flags(shipped, monkeypatch, precision, version):
+    strongly_typed = version.startswith("11")
+    if strongly_typed and precision == "fp16":
+        pytest.importorskip("onnxconverter_common", reason="fp16 on TensorRT 11 converts the ONNX (the gpu extra)")
+    fake = _FakeTensorRT(version=version)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     plan = trt_engine.build_plan_bytes(shipped, key(precision=precision, profile=(1, 64, 512)))
-    assert plan == b"PLAN" and fake.calls["network_flags"] == 0  # TensorRT 10: explicit batch, no flag
+    assert plan == b"PLAN" and fake.calls["network_flags"] == 0  # TensorRT >= 10: explicit batch, no flag
     assert fake.calls["profile"] == {"image": ((1, 1, 69, 69), (64, 1, 69, 69), (512, 1, 69, 69))}
     assert fake.calls["profiles_added"] == 1
-    if precision == "fp16":
-        assert fake.calls["flags"] == {"FP16"} and not fake.calls["cleared"]
-    else:
+    assert set(fake.calls["io_types"].values()) == {1}  # float32 in and out, whatever runs inside
+    if precision == "fp32":
         assert fake.calls["flags"] == set() and fake.calls["cleared"] == {"TF32"}  # fp32 means fp32
+        assert fake.calls["float16_initializers"] == 0
+    elif strongly_typed:  # TensorRT 11: no precision flags; the parsed model itself is float16
+        assert fake.calls["flags"] == set() and fake.calls["float16_initializers"] > 0
+    else:  # TensorRT 10: the fp32 model with the FP16 flag
+        assert fake.calls["flags"] == {"FP16"} and fake.calls["float16_initializers"] == 0
+
+
+def test_tensorrt_11_refuses_int8_without_a_qdq_model(shipped, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTensorRT(version="11.4.0"))
+    with pytest.raises(EngineUnavailable, match="int8 only from an explicitly quantized"):
+        trt_engine.build_plan_bytes(shipped, key(precision="int8"), calibration={"image": None})
+
+
+def test_fp16_onnx_gives_the_fp32_numbers_within_fp16_tolerance(shipped):
+    """The float16 model TensorRT 11 builds from, run here by ONNX Runtime's CPU provider."""
+    pytest.importorskip("onnxconverter_common", reason="onnxconverter-common (the gpu and dev extras) not installed")
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from survey_infer.tasks import get_task
+
+    data = trt_engine.fp16_onnx(shipped.onnx_path)
+    model = onnx.load_from_string(data)
+    assert sum(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer) > 0
+    inputs = get_task("mass_to_light").example_inputs(shipped, 64, seed=4)
+    fp32 = ort.InferenceSession(str(shipped.onnx_path), providers=["CPUExecutionProvider"]).run(None, inputs)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    fp16 = session.run(None, inputs)
+    assert [o.name for o in session.get_outputs()] == shipped.meta["engine_io"]["outputs"]
+    for want, got in zip(fp32, fp16):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=2e-2, rtol=0)  # the tolerance test_gpu.py states for fp16
+        assert not np.array_equal(got, want)  # really another precision
 
 
 def test_builder_errors_are_engine_unavailable(shipped, monkeypatch):

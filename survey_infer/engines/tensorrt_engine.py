@@ -244,17 +244,58 @@ def ensure_plan(bundle, key: PlanKey, build: Callable[[Any, PlanKey], bytes], *,
 
 # ---------------------------------------------------------------- building (needs tensorrt and a GPU)
 
+def fp16_onnx(onnx_path: Path) -> bytes:
+    """The model in float16 with float32 inputs and outputs (onnxconverter-common), for strongly typed builds.
+
+    A graph output that other nodes also read (``features`` feeds the head) first gets its own Identity: the
+    converter would otherwise feed its float32 copy to a float16 node.
+    """
+    import onnx
+
+    try:
+        from onnxconverter_common import float16
+    except ImportError as exc:
+        raise EngineUnavailable("fp16 on TensorRT >= 11 needs onnxconverter-common (pip install 'survey-infer[gpu]')") from exc
+    model = onnx.load(str(onnx_path))
+    consumed = {name for node in model.graph.node for name in node.input}
+    for output in model.graph.output:
+        if output.name in consumed:
+            inner = f"{output.name}__inner"
+            for node in model.graph.node:
+                node.input[:] = [inner if n == output.name else n for n in node.input]
+                node.output[:] = [inner if n == output.name else n for n in node.output]
+            model.graph.node.append(onnx.helper.make_node("Identity", [inner], [output.name], name=f"{output.name}__out"))
+    converted = float16.convert_float_to_float16(model, keep_io_types=True)
+    onnx.checker.check_model(converted)
+    return converted.SerializeToString()
+
+
+def tensorrt_major(trt) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
 def build_plan_bytes(bundle, key: PlanKey, calibration: dict[str, np.ndarray] | None = None) -> bytes:
-    """Build a serialized plan from the bundle's ONNX for ``key`` (precision, profile) with TensorRT's API."""
+    """Build a serialized plan from the bundle's ONNX for ``key`` (precision, profile) with TensorRT's API.
+
+    TensorRT 10 (weakly typed): the fp32 ONNX with the FP16 (and INT8 + calibrator) builder flags. TensorRT >= 11
+    (strongly typed only, precision flags and calibrators removed): fp32 from the ONNX as it is, fp16 from its
+    float16 conversion (``fp16_onnx``); int8 would need an explicitly quantized (Q/DQ) model, which bundles do
+    not carry yet, so it is refused.
+    """
     trt = import_tensorrt()
+    strongly_typed = tensorrt_major(trt) >= 11
+    if strongly_typed and key.precision == "int8":
+        raise EngineUnavailable(f"TensorRT {trt.__version__} builds int8 only from an explicitly quantized (Q/DQ) "
+                                "model, which this bundle does not have; use fp16, or int8 on ONNX Runtime")  # fmt: skip
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
-    if int(trt.__version__.split(".")[0]) < 10:  # explicit batch is the only mode from TensorRT 10 on
+    if tensorrt_major(trt) < 10:  # explicit batch is the only mode from TensorRT 10 on
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(bundle.onnx_path)):
+    source = fp16_onnx(bundle.onnx_path) if strongly_typed and key.precision == "fp16" else bundle.onnx_path.read_bytes()
+    if not parser.parse(source):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineUnavailable(f"TensorRT could not parse {bundle.onnx_path}: {errors}")
     config = builder.create_builder_config()
@@ -270,9 +311,10 @@ def build_plan_bytes(bundle, key: PlanKey, calibration: dict[str, np.ndarray] | 
     config.add_optimization_profile(profile)
     if key.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32 (TF32 is on by default, ~1e-3 off)
-    if key.precision in ("fp16", "int8"):
+    # strongly typed (TensorRT >= 11): the model's own types decide, no flag to set
+    if not strongly_typed and key.precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)  # int8 layers fall back to fp16, not fp32
-    if key.precision == "int8":
+    if not strongly_typed and key.precision == "int8":
         if not calibration:
             raise EngineUnavailable("an int8 TensorRT plan needs calibration rows (build-engine --calibration STORE)")
         config.set_flag(trt.BuilderFlag.INT8)
