@@ -14,8 +14,10 @@ device buffers for the profile's largest batch, pinned host buffers, ``set_tenso
 batch ``set_input_shape`` + ``execute_async_v3`` on its own stream; batches larger than the profile are run in
 pieces, and the last partial batch uses the first rows of the same buffers.
 
-Verified here: the key, the lock, the rebuild decision and the refusals (no GPU on this machine). The build and
-the runtime are written against the TensorRT 10 Python API and have not yet run on a GPU (README, "Engines").
+Verified here: the key, the lock, the rebuild decision and the refusals (no GPU on this machine), the builder's
+calls on a stand-in module, and every API name used against the symbols of the TensorRT 11.4 bindings (which
+drop the FP16/INT8 flags and calibrators: see ``build_plan_bytes``). The build and the runtime have not yet run
+on a GPU (README, "Clusters, batch submission and GPU engines").
 """
 
 from __future__ import annotations
@@ -360,7 +362,8 @@ def _calibrator(trt, calibration: dict[str, np.ndarray], names: list[str], batch
 
 # ---------------------------------------------------------------- running
 
-_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "int32": "int32", "int8": "int8", "bool": "bool"}
+_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "int32": "int32", "int64": "int64", "int8": "int8",
+                 "uint8": "uint8", "bool": "bool"}  # every type trt.nptype maps
 
 
 class TensorRTEngine(Engine):
