@@ -196,11 +196,13 @@ def _norm_groups(channels: int) -> int:
 
 
 class _UNetBlock(nn.Sequential):
-    """PICASSSO's block: GroupNorm -> Conv 3x3 -> ReLU -> GroupNorm -> Conv 3x3 -> ReLU."""
+    """PICASSSO's block: GroupNorm -> Conv 3x3 -> ReLU -> GroupNorm -> Conv 3x3 -> ReLU (``norm_input=False``:
+    no GroupNorm on the block's input)."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, norm_input: bool = True):
         super().__init__(
-            nn.GroupNorm(_norm_groups(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
+            nn.GroupNorm(_norm_groups(c_in), c_in) if norm_input else nn.Identity(),
+            nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
             nn.GroupNorm(_norm_groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(),
         )  # fmt: skip
 
@@ -228,22 +230,30 @@ class PropertyUNet(nn.Module):
     ``target_mean``/``target_std``, is part of the model), a log variance (Gaussian uncertainty head) and a
     logit that the pixel is empty. With ``emit_features`` a fourth output is the bottleneck averaged over the
     image (the trust score's input).
+
+    Two departures from the paper, both because GroupNorm normalises each image by its own statistics and so
+    removes the absolute surface brightness that sets every surface density: the first block does not
+    normalise the raw input, and (``input_skip``) the 1x1 head also reads the input itself, so that a per-pixel
+    relation such as colour-M/L (log Sigma* linear in log surface brightness and colour) is representable as is
+    and the U-Net learns the corrections (PSF, noise, context).
     """
 
     emit_features = False
 
     def __init__(self, in_channels: int = 5, n_maps: int = 6, width: int = 16, depth: int = 4,
-                 target_mean: list[float] | None = None, target_std: list[float] | None = None):  # fmt: skip
+                 target_mean: list[float] | None = None, target_std: list[float] | None = None,
+                 input_skip: bool = True):  # fmt: skip
         super().__init__()
         widths = [width * 2**k for k in range(depth + 1)]
         self.down = nn.ModuleList()
         c = in_channels
-        for w in widths[:-1]:
-            self.down.append(_UNetBlock(c, w))
+        for level, w in enumerate(widths[:-1]):
+            self.down.append(_UNetBlock(c, w, norm_input=level > 0))
             c = w
         self.bottleneck = _UNetBlock(widths[-2], widths[-1])
         self.up = nn.ModuleList(_UpStep(widths[k + 1], widths[k]) for k in reversed(range(depth)))
-        self.head = nn.Conv2d(widths[0], 3 * n_maps, 1)
+        self.input_skip = input_skip
+        self.head = nn.Conv2d(widths[0] + (in_channels if input_skip else 0), 3 * n_maps, 1)
         self.n_maps = n_maps
         for name, values, default in (("target_mean", target_mean, 0.0), ("target_std", target_std, 1.0)):
             values = list(values) if values is not None else [default] * n_maps
@@ -263,7 +273,7 @@ class PropertyUNet(nn.Module):
         pooled = x.mean(dim=(-2, -1))
         for step, skip in zip(self.up, reversed(skips)):
             x = step(x, skip)
-        out = self.head(x)
+        out = self.head(torch.cat([x, image], dim=1) if self.input_skip else x)
         k = self.n_maps
         return out[:, :k], out[:, k : 2 * k].clamp(-10.0, 6.0), out[:, 2 * k :], pooled
 
