@@ -28,6 +28,7 @@ integrated values (spaxels combined by their stellar mass: mean window flux / li
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -112,13 +113,13 @@ def spectrum_inputs(flux: np.ndarray, ivar: np.ndarray, wave: np.ndarray, redshi
     mean = np.where(valid, np.diff(_cum_at(c_f, q), axis=1) / safe_g, 0.0)
     err = np.where(valid, np.sqrt(np.maximum(np.diff(_cum_at(c_v, q), axis=1), 0.0)) / safe_g, 0.0)
     masked_mean = np.where(valid, mean, np.nan)
-    with np.errstate(all="ignore"):
+    centres = 0.5 * (rest[1:] + rest[:-1])
+    win = (centres >= 5400.0) & (centres <= 5600.0)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (spaxels without data) give NaN, flagged below
         norm = np.nanmedian(masked_mean, axis=1) if valid.any() else np.full(n, np.nan)
         snr_px = np.where(valid & (err > 0), mean / np.where(err > 0, err, 1.0), 0.0)
         snr = np.nanmedian(np.where(valid, snr_px, np.nan), axis=1)
-    centres = 0.5 * (rest[1:] + rest[:-1])
-    win = (centres >= 5400.0) & (centres <= 5600.0)
-    with np.errstate(all="ignore"):
         window = np.nanmean(np.where(valid[:, win], mean[:, win], np.nan), axis=1)
     usable = (valid.mean(axis=1) >= 0.5) & np.isfinite(norm) & (norm > 0) & np.isfinite(snr) & (snr > 0)
     safe_norm = np.where(usable, norm, 1.0)
