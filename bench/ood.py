@@ -205,7 +205,122 @@ def star_clusters_shifts(bundle: Bundle, n: int, rng: np.random.Generator) -> li
     ]  # fmt: skip
 
 
-SHIFTS = {"mass_to_light": mass_to_light_shifts, "star_clusters": star_clusters_shifts}
+# ----------------------------------------------------------------------------------------- property_maps shifts
+STAR_COLOURS_UGRIZ = (1.25, 0.45, 0.0, -0.15, -0.2)  # mag relative to r of a G-type star (u-g 0.8, g-r 0.45, ...)
+
+
+def _band_noise(images: np.ndarray) -> np.ndarray:
+    """Per-cutout, per-band sky noise (N, C) of linear cutouts from their border (MAD sigma)."""
+    from survey_infer.imaging import border_mask
+
+    border = images[:, :, border_mask(images.shape[-2:])]
+    return 1.4826 * np.median(np.abs(border - np.median(border, axis=2, keepdims=True)), axis=2)
+
+
+def property_maps_shifts(bundle: Bundle, n: int, rng: np.random.Generator) -> list[tuple[str, dict]]:
+    """Linear ugriz surface-brightness shifts: noise levels are those of fresh in-distribution mocks."""
+    from training.mock_property_maps import IMAGE_UNITS
+    from training.sim.universe import Observing, simulate
+
+    spec = bundle.input_spec["image"]
+    size, bands = int(spec["shape"][-1]), tuple(spec["bands"])
+    colours = np.array([STAR_COLOURS_UGRIZ["ugriz".index(b)] for b in bands])
+
+    def mocks(seed: int, **observing) -> dict:
+        sim = simulate(n, size=size, seed=seed, first_id=0, bands=bands, property_maps=False, image_units=IMAGE_UNITS,
+                       observing=Observing(**observing) if observing else Observing())  # fmt: skip
+        return {"images": sim.images, "columns": sim.columns, "truth": sim.truth}
+
+    reference = mocks(SHIFT_SEED + 31)
+    sigma = _band_noise(reference["images"])  # (n, C): each shifted cutout borrows one mock's noise and metadata
+    columns = {k: v for k, v in reference["columns"].items()}
+
+    def noisy(signal: np.ndarray, factor: float = 1.0) -> np.ndarray:
+        return (signal + factor * sigma[:, :, None, None] * rng.normal(0, 1, signal.shape)).astype(np.float32)
+
+    def stars(fwhm_px: np.ndarray) -> np.ndarray:
+        psf = _psf_image(size, fwhm_px)
+        peak_snr = 10 ** rng.uniform(1, 3, n)  # in the r band (or the first band)
+        flux = 10 ** (-0.4 * colours)[None, :, None, None] * (psf / psf.max(axis=(1, 2), keepdims=True))[:, None]
+        return noisy(flux * (peak_snr[:, None] * sigma[:, [min(2, len(bands) - 1)]])[:, :, None, None])
+
+    zero = np.zeros((n, len(bands), size, size))
+    return [
+        ("noise: Gaussian pixels, 10x the sky noise, no source", {"images": noisy(zero, 10.0), "columns": columns}),
+        ("blank sky: sky noise only, no source", {"images": noisy(zero), "columns": columns}),
+        ("star framed by its own size (FOV = 10 x PSF half-width)",
+         {"images": stars(np.full(n, 2 * size / 10.0) * rng.uniform(0.8, 1.2, n)), "columns": columns}),
+        ("star in a galaxy-sized frame (FWHM 2-4 px)", {"images": stars(rng.uniform(2.0, 4.0, n)), "columns": columns}),
+        ("subtle: seeing 2.6\" +- 0.3 (training 1.4\" +- 0.25)",
+         mocks(SHIFT_SEED + 32, seeing_fwhm_arcsec=(2.6, 0.3), seeing_clip_arcsec=(2.0, 3.5))),
+        ("subtle: noise x3 (sky and Poisson sigma)", mocks(SHIFT_SEED + 33, noise_scale=3.0)),
+        ("subtle: distance 400-650 Mpc (training 30-400)", mocks(SHIFT_SEED + 34, distance_mpc=(400.0, 650.0))),
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- sfh shifts
+HST_PIVOT_A = (2710.0, 3355.0, 4326.0, 5308.0, 8048.0)  # F275W, F336W, F438W, F555W, F814W
+
+
+def _planck(wave_a: np.ndarray, temperature: np.ndarray) -> np.ndarray:
+    """f_lambda of blackbodies (N,) at wavelengths (L,) in Angstrom, up to a constant: (N, L)."""
+    x = 1.4388e8 / (wave_a[None, :] * temperature[:, None])  # hc / (lambda k T), lambda in A
+    return 1.0 / (wave_a[None, :] ** 5 * np.expm1(np.minimum(x, 700.0)))
+
+
+def sfh_shifts(bundle: Bundle, n: int, rng: np.random.Generator) -> list[tuple[str, dict]]:
+    """Spectra + photometry shifts; noise levels and redshifts are those of fresh in-distribution mocks."""
+    import dataclasses
+
+    from training.trust import SpectraChunks, sfh_spectra
+
+    base = sfh_spectra(n, SHIFT_SEED + 51)
+
+    def replaced(make) -> dict:
+        """The base sample with each chunk's flux and photometry from ``make(chunk, level, sigma)``, noise added."""
+        batches = []
+        for chunk in base.images.batches:
+            sigma = 1.0 / np.sqrt(np.maximum(chunk.ivar, 1e-30))
+            phot_sigma = 1.0 / np.sqrt(np.maximum(chunk.photometry_ivar, 1e-30))
+            level = np.median(chunk.flux, axis=1)
+            flux, phot = make(chunk, level)
+            flux = flux + sigma * rng.normal(0, 1, flux.shape)
+            phot = phot + phot_sigma * rng.normal(0, 1, phot.shape)
+            batches.append(dataclasses.replace(chunk, flux=flux.astype(np.float32), photometry=phot.astype(np.float32)))
+        return {"images": SpectraChunks(batches), "columns": base.columns}
+
+    def flat(chunk, level):
+        return np.repeat(level[:, None], chunk.flux.shape[1], 1), np.repeat(level[:, None], 5, 1)
+
+    def zero(chunk, level):
+        return np.zeros_like(chunk.flux), np.zeros_like(chunk.photometry)
+
+    def blackbody(chunk, level):
+        temperature = 10 ** rng.uniform(np.log10(4000.0), np.log10(20000.0), len(chunk))
+        spectrum = _planck(chunk.wave, temperature)
+        scale = level / np.median(spectrum, axis=1)
+        return spectrum * scale[:, None], _planck(np.array(HST_PIVOT_A), temperature) * scale[:, None]
+
+    return [
+        ("noise: flux and photometry of no source (noise only)", replaced(zero)),
+        ("blank: a flat, featureless continuum (same S/N)", replaced(flat)),
+        ("star: a blackbody of 4,000-20,000 K (same S/N)", replaced(blackbody)),
+        ("subtle: S/N 2-5 per pixel (training 5-100)", _with_truth(sfh_spectra(n, SHIFT_SEED + 52, snr=(2.0, 5.0)))),
+        ("subtle: dispersion 300-450 km/s (training 30-250)", _with_truth(sfh_spectra(n, SHIFT_SEED + 53, sigma=(300.0, 450.0)))),
+        ("subtle: dust A_V 2-3 (training 0-1.5)", _with_truth(sfh_spectra(n, SHIFT_SEED + 54, av=(2.0, 3.0)))),
+    ]  # fmt: skip
+
+
+def _with_truth(sample) -> dict:
+    return {"images": sample.images, "columns": sample.columns, "truth": sample.truth}
+
+
+SHIFTS = {"mass_to_light": mass_to_light_shifts, "star_clusters": star_clusters_shifts,
+          "property_maps": property_maps_shifts, "sfh": sfh_shifts}  # fmt: skip
+# Outputs compared with a truth column of another name, or that are per-spaxel, not catalog columns (error vs
+# score, coverage): property_maps' map totals; sfh's per-spaxel means
+TRUTH_OF = {("property_maps", "log_mstar_map"): "log_mstar",
+            **{("sfh", m): m for m in ("age_lw", "age_mw", "log_z_lw", "log_z_mw")}}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- the bench
@@ -453,6 +568,12 @@ def _targets(bundle: Bundle) -> list[str]:
     return [n for n in names if f"{n}_err" in names]
 
 
+def _error_targets(bundle: Bundle) -> list[tuple[str, str]]:
+    """(catalog output, truth column) pairs for the error-vs-score table."""
+    names = [c.name for c in get_task(bundle.task).output_columns(bundle)]
+    return [(t, t) for t in _targets(bundle)] + [(n, TRUTH_OF[bundle.task, n]) for n in names if (bundle.task, n) in TRUTH_OF]
+
+
 def bench_task(task: str, bundle: Bundle, args, report: Report) -> None:
     from training.train import EVAL_SEEDS as ML_EVAL_SEEDS
     from training.train_star_clusters import EVAL_SEEDS as SC_EVAL_SEEDS
@@ -462,7 +583,12 @@ def bench_task(task: str, bundle: Bundle, args, report: Report) -> None:
         return
     section = bundle.meta[TRUST_KEY]
     engine = make_engine(args.engine, bundle, threads=args.threads)
-    seed = {"mass_to_light": ML_EVAL_SEEDS, "star_clusters": SC_EVAL_SEEDS}[task]["test"]
+    from training.train_property_maps import EVAL_SEEDS as PM_EVAL_SEEDS
+
+    from training.train_sfh import EVAL_SEEDS as SFH_EVAL_SEEDS
+
+    seed = {"mass_to_light": ML_EVAL_SEEDS, "star_clusters": SC_EVAL_SEEDS, "property_maps": PM_EVAL_SEEDS,
+            "sfh": {"test": SFH_EVAL_SEEDS["bench"]}}[task]["test"]  # fmt: skip
     tick = time.time()
     sample = simulate_in_distribution(bundle, args.n, seed)
     s_in, out_in = _scores(bundle, engine, {"images": sample.images, "columns": sample.columns})
@@ -498,15 +624,18 @@ def bench_task(task: str, bundle: Bundle, args, report: Report) -> None:
         hists.append((label.removeprefix("subtle: ")[:48], score[ok]))
         if "truth" in shift:
             binned.append((score, out, shift["truth"]))
-    report("(constant or NaN cutouts never reach the network: flagged empty_cutout / nan_pixels, no estimate, null score)")
+    report("(rows without an estimate never reach the score: constant or NaN cutouts, spectra without usable pixels are "
+           "flagged empty_cutout / nan_pixels with a null score, and n counts only the scored rows)")
 
     report("\nerror vs ood_score (in-distribution + subtly shifted mocks with truth), RMSE per output; bins of score")
     scores = np.concatenate([b[0] for b in binned])
     edges = [0.0, *np.quantile(s_in[ok_in], [0.5, 0.9, 0.99]), 1.5 * threshold, 2.5 * threshold, np.inf]
-    targets = _targets(bundle)
+    pairs = _error_targets(bundle)
+    targets = [t for t, _ in pairs]
     header = f"{'ood_score bin':<20} {'n':>6} " + " ".join(f"{t + ' RMSE':>14}" for t in targets)
     report(f"{header}\n{'-' * len(header)}")
-    errors = {t: np.concatenate([b[1][t].astype(np.float64) - np.asarray(b[2][t], dtype=np.float64) for b in binned]) for t in targets}
+    errors = {t: np.concatenate([b[1][t].astype(np.float64) - np.asarray(b[2][truth], dtype=np.float64) for b in binned])
+              for t, truth in pairs}  # fmt: skip
     for lo, hi in zip(edges[:-1], edges[1:]):
         sel = np.isfinite(scores) & (scores >= lo) & (scores < hi)
         cells = " ".join(f"{np.sqrt(np.nanmean(errors[t][sel] ** 2)) if sel.sum() else np.nan:14.3f}" for t in targets)
@@ -519,7 +648,15 @@ def bench_task(task: str, bundle: Bundle, args, report: Report) -> None:
               f"{'scale now':>10} {'68% now':>8} {'95% now':>8}")  # fmt: skip
     report(f"{header}\n{'-' * len(header)}")
     recal = section.get("recalibration", {}).get("outputs", {})
-    for t in targets:
+    per_row = [(t, truth) for t, truth in pairs if t not in _targets(bundle) and f"{t}_err" in out_in]
+    if not _targets(bundle) and not per_row:
+        report("(no catalog output with an _err column: the per-pixel coverage of the maps is in the task's accuracy bench)")
+    for t, truth in per_row:  # errors the task scales itself (e.g. sfh's output_spec err_scale): as the run gives them
+        residual = out_in[t].astype(np.float64) - np.asarray(sample.truth[truth], dtype=np.float64)
+        err = out_in[f"{t}_err"].astype(np.float64)
+        report(f"{t:<10} {'-':>7} {'-':>7} {'-':>12} {'-':>10} {'-':>10} {'task':>10} "
+               f"{coverage(residual, err, Z_68):8.3f} {coverage(residual, err, Z_95):8.3f}")  # fmt: skip
+    for t in _targets(bundle):
         residual = out_in[t].astype(np.float64) - np.asarray(sample.truth[t], dtype=np.float64)
         err = out_in[f"{t}_err"].astype(np.float64)
         now = float(bundle.output_spec.get(f"{t}_err", {}).get("scale", 1.0))

@@ -76,7 +76,9 @@ TRUST_SEEDS = {"mass_to_light": {"fit": 930_001, "held_out": 930_002},
                "star_clusters": {"fit": 931_001, "held_out": 931_002},
                "mass_profiles": {"fit": 932_001, "held_out": 932_002},
                # property_maps: not its training (5e6.., val 6e6..) nor reserved seeds (940_001, 933_001-2)
-               "property_maps": {"fit": 933_011, "held_out": 933_012}}  # fmt: skip
+               "property_maps": {"fit": 933_011, "held_out": 933_012},
+               # sfh: not its training (940_000 + k, val 941_000 + k) nor bench (942_000, 942_500) seeds
+               "sfh": {"fit": 934_001, "held_out": 934_002}}  # fmt: skip
 FIRST_ID = 930_000_000
 BATCH = 256
 
@@ -157,11 +159,40 @@ def _property_maps_mocks(bundle: Bundle, n: int, seed: int, **_: Any) -> Sample:
     return Sample(np.ascontiguousarray(sim.images[:, [BANDS.index(b) for b in bands]]), sim.columns, sim.truth)
 
 
+def sfh_spectra(n: int, seed: int, **overrides: Any) -> Sample:
+    """Mock spectra from the sfh training prior (training.sim.spectra.draw_params), ``overrides`` replacing some of
+    its parameters (arrays or (low, high) uniform ranges), as SpectraChunks with one redshift per chunk (drawn
+    from the prior too). Truth: the mass- and light-weighted mean log age and log Z."""
+    from survey_infer.ifu import SpaxelBatch
+    from training.sim import spectra as sim
+
+    rng = np.random.default_rng(seed)
+    params = sim.draw_params(rng, n)
+    for start in range(0, n, BATCH):
+        params.redshift[start : start + BATCH] = params.redshift[start]
+    for name, value in overrides.items():
+        setattr(params, name, rng.uniform(*value, n) if isinstance(value, tuple) else np.asarray(value))
+    spec = sim.make_spectra(params, rng)
+    batches = [SpaxelBatch(flux=spec.flux[a:b].astype(np.float32), ivar=spec.ivar[a:b].astype(np.float32), wave=spec.wave,
+                           redshift=float(params.redshift[a]), photometry=spec.photometry[a:b].astype(np.float32),
+                           photometry_ivar=spec.photometry_ivar[a:b].astype(np.float32), y=np.zeros(b - a, np.int64),
+                           x=np.arange(b - a, dtype=np.int64), shape=(1, b - a))
+               for a, b in ((a, min(a + BATCH, n)) for a in range(0, n, BATCH))]  # fmt: skip
+    t = spec.truth
+    truth = {"age_lw": t.age_lw, "age_mw": t.age_mw, "log_z_lw": t.z_lw, "log_z_mw": t.z_mw}
+    return Sample(SpectraChunks(batches), {"object_id": np.arange(FIRST_ID, FIRST_ID + n, dtype=np.int64)}, truth)
+
+
+def _sfh_mocks(bundle: Bundle, n: int, seed: int, **_: Any) -> Sample:
+    return sfh_spectra(n, seed)
+
+
 # task -> in-distribution mocks (bundle, n, seed) -> Sample: the opt-in point of a task (see the module doc)
 SIMULATORS: dict[str, Callable[..., Sample]] = {"mass_to_light": _mass_to_light_mocks,
                                                 "star_clusters": _star_clusters_mocks,
                                                 "mass_profiles": _mass_profiles_mocks,
-                                                "property_maps": _property_maps_mocks}  # fmt: skip
+                                                "property_maps": _property_maps_mocks,
+                                                "sfh": _sfh_mocks}  # fmt: skip
 
 
 def simulate_in_distribution(bundle: Bundle, n: int, seed: int, **observing: Any) -> Sample:
@@ -199,10 +230,24 @@ def run_rows(bundle: Bundle, images: np.ndarray, columns: dict[str, np.ndarray],
     return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
 
+@dataclass
+class SpectraChunks:
+    """Mock spectra as SpaxelBatches of BATCH rows (a SpaxelBatch is one cube's spaxels: one redshift)."""
+
+    batches: list
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
 def _rows(images: Any, start: int, stop: int) -> Any:
-    """Rows [start, stop) of an image array or of a StarBatch (galaxies)."""
+    """Rows [start, stop) of an image array, of a StarBatch (galaxies) or of SpectraChunks (BATCH-aligned)."""
     from survey_infer.kinematics import StarBatch
 
+    if isinstance(images, SpectraChunks):
+        if start % BATCH or stop - start > BATCH:
+            raise ValueError(f"SpectraChunks are read {BATCH} rows at a time from a multiple of {BATCH}")
+        return images.batches[start // BATCH]
     if isinstance(images, StarBatch):
         stop = min(stop, len(images))
         lo, hi = int(images.offsets[start]), int(images.offsets[stop])
