@@ -194,7 +194,17 @@ def ppxf_stage(args, params, spec, force: bool = False):
     subset = np.concatenate([np.flatnonzero((params.snr >= lo) & (params.snr < hi))[: args.ppxf_per_bin] for lo, hi in SNR_BINS])
     res = {k: np.full(args.n, np.nan) for k in MEANS}
     fits_done, seconds = {}, []
+    if PPXF_CACHE.exists():  # fits of a smaller subset with otherwise equal settings are kept (deterministic)
+        cached = json.loads(PPXF_CACHE.read_text())
+        if {k: v for k, v in cached["settings"].items() if k != "per_bin"} == {k: v for k, v in settings.items() if k != "per_bin"}:
+            fits_done = {i: r for i, r in cached["fits"].items() if int(i) in set(subset.tolist())}
+            seconds = list(cached["seconds"])[: len(fits_done)] if len(fits_done) == len(cached["fits"]) else []
+            for i, r in fits_done.items():
+                for k in MEANS:
+                    res[k][int(i)] = r[k]
     for i in subset:
+        if str(int(i)) in fits_done:
+            continue
         tick = time.perf_counter()
         try:
             r = fitter.fit(spec.wave, spec.flux[i].astype(np.float64), spec.ivar[i].astype(np.float64), float(spec.redshift[i]))
