@@ -56,6 +56,21 @@ def case_tiles(tiles_store, tiny_bundle) -> FaultCase:
     return FaultCase("tiles", tiles_store, "mass_to_light", tiny_bundle)
 
 
+@pytest.fixture(scope="session")
+def ifu_store(tmp_path_factory) -> Path:
+    """4 mock cubes of 6 x 6 spaxels: 4 units."""
+    from training.mock_ifu import write_mock_ifu
+
+    return write_mock_ifu(tmp_path_factory.mktemp("fault_ifu") / "ifu.zarr", 4, size=6, seed=1)
+
+
+@pytest.fixture
+def case_ifu(ifu_store) -> FaultCase:
+    from survey_infer.bundle import default_bundle_path
+
+    return FaultCase("ifu", ifu_store, "sfh", default_bundle_path("sfh"))
+
+
 @pytest.fixture
 def case_kinematics(kinematics_store) -> FaultCase:
     from survey_infer.bundle import default_bundle_path

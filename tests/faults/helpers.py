@@ -69,10 +69,10 @@ def write_noise_store(path: Path, n_rows: int, rows_per_unit: int = 64, seed: in
 def case_params():
     import pytest
 
-    return ["tiles", "kinematics", pytest.param("cutouts", marks=pytest.mark.slow)]
+    return ["tiles", "kinematics", "ifu", pytest.param("cutouts", marks=pytest.mark.slow)]
 
 
-ID_ARRAYS = ("sources/object_id", "galaxies/galaxy_id", "object_id")  # tiles, kinematics, cutouts
+ID_ARRAYS = ("sources/object_id", "galaxies/galaxy_id", "catalog/object_id", "object_id")  # tiles, kinematics, ifu, cutouts
 
 
 def _id_array(store: Path) -> zarr.Array:
@@ -152,6 +152,18 @@ def assert_rows_exactly_once(out: Path, expected_ids: np.ndarray) -> None:
     ids = part_ids(out)
     assert len(ids) == len(expected_ids), f"{len(ids)} rows in parts, {len(expected_ids)} expected"
     np.testing.assert_array_equal(ids, np.sort(expected_ids))
+
+
+def assert_arrays_whole(case: FaultCase, out: Path) -> None:
+    """A task's array store (sfh.zarr) holds one whole group per input row, named by its object id, and no
+    temporary group is left behind."""
+    if case.task != "sfh":
+        return
+    root = zarr.open_group(str(out / "sfh.zarr"), mode="r")
+    assert sorted(int(k) for k in root.group_keys()) == sorted(store_ids(case.store).tolist())
+    for key in root.group_keys():
+        assert "sfh" in root[key] and root[key]["sfh"].shape[0] == 16
+    assert not any((out / ".array-groups.tmp").glob("*")) if (out / ".array-groups.tmp").exists() else True
 
 
 def temp_files(out: Path) -> list[Path]:

@@ -26,7 +26,7 @@ from tests.faults.helpers import (
     wait_for,
 )
 
-CASES = [("tiles", 0), ("kinematics", 0), pytest.param("tiles", "catalog", marks=pytest.mark.slow)] + [
+CASES = [("tiles", 0), ("kinematics", 0), ("ifu", 0), pytest.param("tiles", "catalog", marks=pytest.mark.slow)] + [
     pytest.param(kind, seed, marks=pytest.mark.slow) for kind in ("cutouts", "tiles") for seed in (1, 2, 3)
 ] + [pytest.param("cutouts", "catalog", marks=pytest.mark.slow)]  # fmt: skip
 

@@ -17,6 +17,7 @@ from survey_infer.cli import main
 from tests.conftest import tree_snapshot
 from tests.faults.helpers import (
     FaultCase,
+    assert_arrays_whole,
     assert_parts_sound,
     assert_rows_exactly_once,
     case_params,
@@ -80,13 +81,15 @@ def test_a_unit_that_raises_once_is_retried(client, case, tmp_path):
 
 
 def _chunk_of_unit_1(case: FaultCase) -> Path:
-    """A chunk only unit 1 reads: tile 1's image, or the object_id column's block of rows 64-127."""
+    """A chunk only unit 1 reads: tile 1's image, cube 1's flux, or the object_id column's block of rows 64-127."""
     if case.kind == "tiles":
         return case.store / "tiles" / "tile-00001" / "image" / "c" / "0" / "0" / "0"
+    if case.kind == "ifu":
+        return case.store / "cubes" / "mock0001" / "flux" / "c" / "0" / "0" / "0"
     return case.store / "object_id" / "c" / "1"
 
 
-@pytest.mark.parametrize("case", ["tiles", "cutouts"], indirect=True)
+@pytest.mark.parametrize("case", ["tiles", "ifu", "cutouts"], indirect=True)
 def test_a_truncated_chunk_fails_its_unit_then_a_repaired_store_finishes(client, case, tmp_path, capsys):
     copy = case.with_store(Path(shutil.copytree(case.store, tmp_path / case.store.name)))
     chunk = _chunk_of_unit_1(copy)
@@ -198,4 +201,5 @@ def test_half_written_parts_are_redone(client, case, tmp_path):
     finished = record(out)
     assert finished["units"]["ran"] == 3 and finished["units"]["skipped"] == n_units(case) - 3
     assert temp_files(out) == []
-    assert_rows_exactly_once(out, store_ids(case.store))  # and every part reads whole
+    assert_rows_exactly_once(out, store_ids(case.store))
+    assert_arrays_whole(case, out)  # and every part reads whole

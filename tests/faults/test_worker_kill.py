@@ -18,6 +18,7 @@ from survey_infer.config import RunConfig
 from survey_infer.pipeline import run_pipeline
 from tests.faults.helpers import (
     FaultCase,
+    assert_arrays_whole,
     assert_rows_exactly_once,
     case_params,
     done_units,
@@ -49,6 +50,7 @@ def test_worker_sigkilled_inside_a_unit(client, case, tmp_path, point):
     assert result.exit_code == 0, record["failures"]
     assert record["units"]["failed"] == 0 and record["units"]["done"] == record["units"]["total"]
     assert_rows_exactly_once(out, store_ids(case.store))
+    assert_arrays_whole(case, out)
     assert temp_files(out) == []  # the half-written temp part of kill_writing_part was cleared
 
 
