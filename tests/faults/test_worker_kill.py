@@ -20,7 +20,6 @@ from tests.faults.helpers import (
     FaultCase,
     assert_arrays_whole,
     assert_rows_exactly_once,
-    case_params,
     done_units,
     install_worker_fault,
     store_ids,
@@ -36,8 +35,15 @@ def config_for(case: FaultCase, out, **kwargs) -> RunConfig:
                      build_catalog=False, task_options=options, **kwargs)  # fmt: skip
 
 
-@pytest.mark.parametrize("point", ["kill_reading", "kill_writing_part", "kill_before_marker"])
-@pytest.mark.parametrize("case", case_params(), indirect=True)
+POINTS = ("kill_reading", "kill_writing_part", "kill_before_marker")
+# Every point on tiles; on the other kinds one point by default (the others `slow`, to keep the suite short).
+KILL_CASES = [("tiles", p) for p in POINTS] + [
+    (kind, p) if kind != "cutouts" and p == "kill_writing_part" else pytest.param(kind, p, marks=pytest.mark.slow)
+    for kind in ("kinematics", "ifu", "cutouts") for p in POINTS
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, point", KILL_CASES, indirect=["case"])
 def test_worker_sigkilled_inside_a_unit(client, case, tmp_path, point):
     out, flag = tmp_path / "out", tmp_path / "fired"
     pids = set(client.run(os.getpid).values())
