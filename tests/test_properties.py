@@ -331,3 +331,75 @@ def test_kinematics_ingest_refuses_cleanly_or_keeps_every_star_once(inputs):
         np.testing.assert_array_equal(group["galaxies/star_count"][:], np.bincount(np.unique(gid, return_inverse=True)[1]))
         stored = np.sort(np.asarray(group["stars/v_los"][:]))
         np.testing.assert_allclose(stored, np.sort(columns["v_los"]))  # every star once, nothing altered
+
+
+@st.composite
+def muse_cubes(draw) -> dict:
+    """A MUSE-format cube with random damage: NaN/inf patterns, a missing STAT, negative variances, a cube of the
+    wrong dimensionality, a spectral axis in frequency, a flux unit that is not a flux density."""
+    return {
+        "shape": draw(st.sampled_from([(30, 3, 4), (30, 1, 1), (30, 4), (1, 3, 3)])),
+        "nan": draw(st.sampled_from(["none", "spaxel", "pixels", "all", "inf"])),
+        "stat": draw(st.sampled_from(["ok", "missing", "negative", "zero"])),
+        "ctype3": draw(st.sampled_from(["AWAV", "WAVE", "FREQ", None])),
+        "bunit": draw(st.sampled_from(["10**(-20)*erg/s/cm**2/Angstrom", "erg/s/cm2/Angstrom", "Jy", None])),
+    }
+
+
+@FAST
+@given(inputs=muse_cubes())
+def test_ifu_ingest_refuses_cleanly_or_keeps_every_spaxel(inputs):
+    from survey_infer.ifu import ingest_ifu, open_ifu
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tmp = Path(tmp)
+        rng = np.random.default_rng(1)
+        shape = inputs["shape"]
+        data = rng.uniform(1.0, 2.0, shape).astype(np.float32)
+        var = rng.uniform(0.01, 0.02, shape).astype(np.float32)
+        if len(shape) == 3:
+            {"spaxel": lambda: data.__setitem__((slice(None), 0, 0), np.nan),
+             "pixels": lambda: data.__setitem__((slice(2, 5), -1, -1), np.nan),
+             "all": lambda: data.fill(np.nan),
+             "inf": lambda: data.__setitem__((0, 0, 0), np.inf),
+             "none": lambda: None}[inputs["nan"]]()  # fmt: skip
+        var = {"ok": var, "missing": None, "negative": -var, "zero": np.zeros_like(var)}[inputs["stat"]]
+        header = fits.Header()
+        cards = {"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CUNIT1": "deg", "CUNIT2": "deg", "CRVAL1": 150.0,
+                 "CRVAL2": 2.0, "CRPIX1": 1.0, "CRPIX2": 1.0, "CD1_1": -5.5e-5, "CD2_2": 5.5e-5, "CRPIX3": 1.0,
+                 "CRVAL3": 6e14 if inputs["ctype3"] == "FREQ" else 4750.0,
+                 "CD3_3": 1e11 if inputs["ctype3"] == "FREQ" else 1.25,
+                 "CUNIT3": "Hz" if inputs["ctype3"] == "FREQ" else "Angstrom"}  # fmt: skip
+        if inputs["ctype3"]:
+            cards["CTYPE3"] = inputs["ctype3"]
+        if inputs["bunit"]:
+            cards["BUNIT"] = inputs["bunit"]
+        for k, v in cards.items():
+            header[k] = v
+        hdus = [fits.PrimaryHDU(), fits.ImageHDU(data, header=header, name="DATA")]
+        if var is not None:
+            stat_header = header.copy()
+            squared = {"10**(-20)*erg/s/cm**2/Angstrom": "10**(-40)*erg**2/s**2/cm**4/Angstrom**2",
+                       "erg/s/cm2/Angstrom": "erg**2/s**2/cm**4/Angstrom**2"}  # fmt: skip
+            if inputs["bunit"] in squared:
+                stat_header["BUNIT"] = squared[inputs["bunit"]]
+            hdus.append(fits.ImageHDU(var, header=stat_header, name="STAT"))
+        cube = tmp / "cube.fits"
+        fits.HDUList(hdus).writeto(cube)
+        store = tmp / "ifu.zarr"
+        try:
+            ingest_ifu([cube], store)
+        except StoreError as exc:
+            message = str(exc)
+            assert str(cube) in message or "cube" in message, message
+            assert not store.exists(), message  # a refused ingest writes nothing
+            event("refused: " + re.sub(r"/\S+", "PATH", message)[:40])
+            return
+        event("ingested")
+        info = open_ifu(store)
+        assert info.n_rows == 1
+        flux = zarr.open_group(str(store), mode="r")[f"cubes/{info.cubes[0].name}/flux"]
+        assert flux.shape == shape  # every spaxel kept, NaN ones too
+        ivar = zarr.open_group(str(store), mode="r")[f"cubes/{info.cubes[0].name}/ivar"][:]
+        assert np.all(np.isfinite(ivar)) and np.all(ivar >= 0)  # bad variances become ivar 0, never NaN or < 0
