@@ -265,3 +265,18 @@ def test_bad_input_is_refused_before_any_work(mock_store, tmp_path, capsys):
     assert _run(far, out) == 2
     assert "cube 'far'" in capsys.readouterr().err
     assert main(["mock", "ifu", str(tmp_path / "none.zarr"), "--cubes", "0"]) == 2
+
+
+def test_a_cube_missing_a_few_percent_of_the_range_runs_masked_and_flagged(tmp_path):
+    """z = 0.045 pushes rest 9030 A to observed 9436 A, past MUSE's 9350 A (~98% covered): run, flag out_of_range."""
+    from training.mock_ifu import mock_cube
+
+    cube, _ = mock_cube(21, 3, 3, redshift=0.045)
+    cube.update(name="edge", object_id=7, ra=10.0, dec=-3.0)
+    store = write_ifu_store(tmp_path / "edge.zarr", [cube])
+    out = tmp_path / "out"
+    assert _run(store, out) == 0
+    row = pq.read_table(sorted((out / "parts").glob("*.parquet"))).to_pandas().iloc[0]
+    assert row["flag"] & FLAG_BITS["out_of_range"] and "out_of_range" in row["flag_reason"]
+    flags = zarr.open_group(str(out / "sfh.zarr"), mode="r")["7"]["flags"][:]
+    assert (flags & FLAG_BITS["out_of_range"]).all() and np.isfinite(zarr.open_group(str(out / "sfh.zarr"), mode="r")["7"]["age_lw"][:]).all()
