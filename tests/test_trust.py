@@ -299,7 +299,11 @@ def test_mass_profiles_bundle_carries_trust(kin_shipped):
 
     bundle = load_bundle(kin_shipped)
     trust, section = load_trust(bundle), bundle.meta["trust"]
-    assert bundle.meta["engine_io"]["outputs"] == ["log_mass", "features"] and trust.mean.shape == (32,)
+    assert bundle.meta["engine_io"]["outputs"] == ["log_mass", "features"]
+    from survey_infer.tasks.mass_profiles import KINEMATIC_STATISTIC_NAMES
+
+    assert section["input_statistics"] == list(KINEMATIC_STATISTIC_NAMES) and trust.n_statistics == 5
+    assert trust.mean.shape == (32 + 5,) and trust.projection is None  # the 32 features, then the statistics
     assert np.isfinite(trust.threshold) and trust.threshold == pytest.approx(np.quantile(trust.reference_scores, 0.99))
     seeds = section["mocks"]["seeds"]
     assert seeds == TRUST_SEEDS["mass_profiles"]
