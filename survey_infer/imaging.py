@@ -115,3 +115,38 @@ def light_statistics(images: np.ndarray, fov_in_radii: float = 10.0) -> np.ndarr
     fractions = [light[:, radius < r].sum(1) / total for r in FRAMING_RADII]
     annuli = [x[:, (radius >= a) & (radius < b)].mean(1) for a, b in zip(PROFILE_EDGES[:-1], PROFILE_EDGES[1:])]
     return np.stack(fractions + [np.log10(dex_range)] + annuli, axis=1).astype(np.float32)
+
+
+SB_STATISTIC_BANDS = 5
+SB_STATISTIC_NAMES = tuple(
+    [f"log_snr_band{k}" for k in range(SB_STATISTIC_BANDS)] + [f"light_fraction_lt_{r:g}" for r in FRAMING_RADII]
+    + [f"colour_{k}_{k + 1}" for k in range(SB_STATISTIC_BANDS - 1)]
+)  # fmt: skip
+
+
+def surface_brightness_statistics(images: np.ndarray, fov_in_radii: float = 10.0) -> np.ndarray:
+    """What a linear, sky-subtracted multi-band cutout (N, 5, H, W) holds for its framing (N, 13) float32.
+
+    Per band, log10 of the S/N of the light inside 2 framing radii (the noise from the border's MAD): a source
+    or none; in the middle band, the fraction of the light within 0.5, 1, 1.5 and 2 framing radii of that within
+    4 (a star framed by its own size is too concentrated for a galaxy of that framing, see `light_statistics`);
+    and the colours (-2.5 log10 of neighbouring bands' central fluxes, clipped to +-5 mag): the populations.
+    """
+    x = np.asarray(images, dtype=np.float64)
+    n, c, h, w = x.shape
+    if c != SB_STATISTIC_BANDS:
+        raise ValueError(f"surface_brightness_statistics needs {SB_STATISTIC_BANDS} bands; got {c}")
+    yy, xx = np.indices((h, w)) - (np.array([h, w])[:, None, None] - 1) / 2.0
+    radius = np.hypot(xx, yy) / (w / fov_in_radii)
+    border = x[:, :, border_mask((h, w))]
+    sigma = 1.4826 * np.median(np.abs(border - np.median(border, axis=2, keepdims=True)), axis=2)  # (N, C)
+    inner = radius < 2.0
+    flux = x[:, :, inner].sum(axis=2)
+    snr = flux / np.maximum(sigma * np.sqrt(inner.sum()), 1e-30)
+    mid = x[:, c // 2]
+    total = np.maximum(np.abs(mid[:, radius < 4.0].sum(axis=1)), 1e-30)
+    fractions = [mid[:, radius < r].sum(axis=1) / total for r in FRAMING_RADII]
+    central = np.maximum(x[:, :, radius < 1.0].sum(axis=2), 1e-30)
+    colours = np.clip(-2.5 * np.log10(central[:, :-1] / central[:, 1:]), -5.0, 5.0)
+    stats = [np.log10(np.maximum(snr, 1e-3))] + [np.stack(fractions, axis=1), colours]
+    return np.concatenate(stats, axis=1).astype(np.float32)

@@ -66,7 +66,7 @@ TRANSFORM = {"mass_to_light": "sqrt", "star_clusters": "none", "mass_profiles": 
 DEFAULT_TRANSFORM = "sqrt"
 # Principal components of the features kept for the score, where the task's input statistics would otherwise
 # be drowned among many features (mass_to_light: 512 activations beside 12 statistics).
-PROJECTION_COMPONENTS = {"mass_to_light": 8}
+PROJECTION_COMPONENTS = {"mass_to_light": 8, "property_maps": 8}
 Z_68, Z_95 = 1.0, 1.959964  # half-widths of the 68.27% and 95% Gaussian intervals, in sigma
 NOMINAL = {"68": 0.682689, "95": 0.95}
 # Fresh seeds for the trust mocks, per task: not the training (1e6.., 3e6..), validation (2e6.., 4e6..), the

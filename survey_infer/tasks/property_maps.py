@@ -26,6 +26,7 @@ import numpy as np
 from survey_infer.bundle import Bundle
 from survey_infer.errors import BundleError, StoreError
 from survey_infer.flags import FLAG_BITS, NO_ESTIMATE, image_flags
+from survey_infer.imaging import SB_STATISTIC_NAMES, surface_brightness_statistics
 from survey_infer.tasks.base import ArrayOutput, CutoutTask, OutputColumn
 
 MAP_NAMES = ("log_sigma_mstar", "log_z_star", "log_age_mw", "log_sigma_sfr", "log_sigma_gas", "log_z_gas")
@@ -64,6 +65,11 @@ def asinh_transform(images: np.ndarray, softening: np.ndarray | list[float]) -> 
 class PropertyMaps(CutoutTask):
     name = "property_maps"
     array_store = "maps.zarr"
+    input_statistic_names = SB_STATISTIC_NAMES  # the ood score's view of the light (trust)
+
+    def input_statistics(self, batch: np.ndarray, bundle: Bundle) -> np.ndarray:
+        """Per-band S/N, light concentration for the framing and colours (imaging.surface_brightness_statistics)."""
+        return surface_brightness_statistics(batch, FOV_IN_HALF_LIGHT_RADII)
 
     def check_store(self, info, bundle: Bundle):
         spec = bundle.input_spec["image"]
