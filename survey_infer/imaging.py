@@ -150,3 +150,15 @@ def surface_brightness_statistics(images: np.ndarray, fov_in_radii: float = 10.0
     colours = np.clip(-2.5 * np.log10(central[:, :-1] / central[:, 1:]), -5.0, 5.0)
     stats = [np.log10(np.maximum(snr, 1e-3))] + [np.stack(fractions, axis=1), colours]
     return np.concatenate(stats, axis=1).astype(np.float32)
+
+
+def asinh_transform(images: np.ndarray, softening: np.ndarray | list[float]) -> np.ndarray:
+    """``asinh(flux / softening_band)`` of a batch (N, C, H, W) -> float32: the input scaling of the networks that
+    read linear fluxes or surface brightness (star_clusters, property_maps)."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W); got shape {images.shape}")
+    soft = np.asarray(softening, dtype=np.float32)
+    if soft.shape != (images.shape[1],) or not np.all(soft > 0):
+        raise ValueError(f"softening must be {images.shape[1]} positive values (one per band); got {softening}")
+    return np.arcsinh(images.astype(np.float32, copy=False) / soft[None, :, None, None]).astype(np.float32)

@@ -26,7 +26,7 @@ import numpy as np
 from survey_infer.bundle import Bundle
 from survey_infer.errors import BundleError, StoreError
 from survey_infer.flags import FLAG_BITS, NO_ESTIMATE, image_flags
-from survey_infer.imaging import SB_STATISTIC_NAMES, surface_brightness_statistics
+from survey_infer.imaging import SB_STATISTIC_NAMES, asinh_transform, surface_brightness_statistics
 from survey_infer.tasks.base import ArrayOutput, CutoutTask, OutputColumn
 
 MAP_NAMES = ("log_sigma_mstar", "log_z_star", "log_age_mw", "log_sigma_sfr", "log_sigma_gas", "log_z_gas")
@@ -51,15 +51,6 @@ SUMMARIES = (
 )
 
 
-def asinh_transform(images: np.ndarray, softening: np.ndarray | list[float]) -> np.ndarray:
-    """``asinh(sb / softening_band)`` of a batch (N, C, H, W) -> float32: the network's input scaling."""
-    images = np.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W); got shape {images.shape}")
-    soft = np.asarray(softening, dtype=np.float32)
-    if soft.shape != (images.shape[1],) or not np.all(soft > 0):
-        raise ValueError(f"softening must be {images.shape[1]} positive values (one per band); got {softening}")
-    return np.arcsinh(images.astype(np.float32, copy=False) / soft[None, :, None, None]).astype(np.float32)
 
 
 class PropertyMaps(CutoutTask):

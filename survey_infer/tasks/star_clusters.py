@@ -23,6 +23,7 @@ import numpy as np
 from survey_infer.bundle import Bundle
 from survey_infer.errors import BundleError
 from survey_infer.flags import FLAG_BITS, NO_ESTIMATE, image_flags
+from survey_infer.imaging import asinh_transform
 from survey_infer.tasks.base import CutoutTask, OutputColumn
 
 TARGETS = ("log_age", "log_mass", "log_rh")
@@ -34,15 +35,6 @@ DESCRIPTIONS = {
 }
 
 
-def asinh_transform(images: np.ndarray, softening: np.ndarray | list[float]) -> np.ndarray:
-    """``asinh(flux / softening_band)`` of a batch (N, C, H, W) -> float32; the network's input scaling."""
-    images = np.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W); got shape {images.shape}")
-    soft = np.asarray(softening, dtype=np.float32)
-    if soft.shape != (images.shape[1],) or not np.all(soft > 0):
-        raise ValueError(f"softening must be {images.shape[1]} positive values (one per band); got {softening}")
-    return np.arcsinh(images.astype(np.float32, copy=False) / soft[None, :, None, None]).astype(np.float32)
 
 
 class StarClusters(CutoutTask):
