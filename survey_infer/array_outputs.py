@@ -23,11 +23,15 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec
 
 from survey_infer.errors import RefusedError
 from survey_infer.tasks.base import ArrayOutput
 
 ID_ARRAY = "object_id"
+# Blosc LZ4 with byte shuffle: as small as zarr's default zstd on 64 x 64 property maps (52 vs 51 kB a map
+# stack) at less than half its cost (0.38 vs 0.83 ms a row on this VM), which the workers pay on every row.
+ROW_ARRAY_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 TEMP_GROUPS_DIR = ".array-groups.tmp"  # beside the array store; emptied when the run ends
 
 
@@ -59,7 +63,7 @@ def create_row_arrays(
         fill = -1 if np.dtype(out.dtype).kind in "iu" else np.nan
         group.create_array(
             out.name, shape=shape, chunks=(chunk, *out.per_row_shape), dtype=out.dtype, fill_value=fill,
-            attributes={"unit": out.unit, "description": out.description, **out.attrs},
+            compressors=ROW_ARRAY_CODEC, attributes={"unit": out.unit, "description": out.description, **out.attrs},
         )  # fmt: skip
 
 
