@@ -142,6 +142,7 @@ def check_output_dir(out_dir: Path, identity: dict[str, str], overwrite: bool) -
         return False
     previous = read_run_record(out_dir)
     if previous is None:
+        _refuse_if_locked(out_dir)  # another run is setting the directory up: say so, not "not empty"
         if overwrite:
             return False
         raise RefusedError(f"output directory {out_dir} is not empty and holds no {paths.RUN_RECORD}; "
@@ -158,6 +159,24 @@ def check_output_dir(out_dir: Path, identity: dict[str, str], overwrite: bool) -
     return False
 
 
+_HELD_LOCKS: set[Path] = set()  # output directories whose run lock this process holds (output_lock)
+
+
+def _refuse_if_locked(out_dir: Path) -> None:
+    """Refuse (exit 2) while another run holds ``out_dir/run.lock``; checks without waiting or keeping it."""
+    lock_path = out_dir / paths.RUN_LOCK
+    if not lock_path.exists() or Path(out_dir).resolve() in _HELD_LOCKS:
+        return
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        raise RefusedError(f"another survey-infer run is writing to {out_dir} (it holds {lock.lock_file})") from exc
+    except OSError:
+        return  # unreadable: the checks that follow say what is wrong
+    lock.release()
+
+
 @contextlib.contextmanager
 def output_lock(out_dir: Path) -> Iterator[None]:
     """Hold ``out_dir/run.lock`` for the run; refuse (exit 2) while another run holds it."""
@@ -169,9 +188,12 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         raise RefusedError(f"another survey-infer run is writing to {out_dir} (it holds {lock.lock_file})") from exc
     except OSError as exc:  # read-only file system, no permission, a file in the way
         raise RefusedError(f"output directory {out_dir} cannot be written: {exc}") from exc
+    held = Path(out_dir).resolve()
+    _HELD_LOCKS.add(held)
     try:
         yield
     finally:
+        _HELD_LOCKS.discard(held)
         lock.release()
 
 

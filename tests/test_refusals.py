@@ -174,3 +174,22 @@ def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_a_directory_another_run_is_setting_up_is_refused_as_locked(tmp_path):
+    """Between taking the lock and writing run.json a run's directory holds no run.json: a second run must say
+    that another run is writing there, while the run holding the lock still sees the usual rules."""
+    from filelock import FileLock
+
+    from survey_infer.errors import RefusedError
+    from survey_infer.outputs import check_output_dir, output_lock
+
+    out = tmp_path / "out"
+    (out / "parts").mkdir(parents=True)
+    with FileLock(out / "run.lock"):
+        with pytest.raises(RefusedError, match="another survey-infer run is writing"):
+            check_output_dir(out, {"input": "x"}, overwrite=True)
+    with output_lock(out):
+        assert check_output_dir(out, {"input": "x"}, overwrite=True) is False
+        with pytest.raises(RefusedError, match="holds no run.json"):
+            check_output_dir(out, {"input": "x"}, overwrite=False)

@@ -39,8 +39,13 @@ def test_two_runs_started_at_once_one_refuses(client, case, tmp_path):
         assert loser.returncode == 2, loser_err
         assert f"refused: another survey-infer run is writing to {out}" in loser_err
         assert record(out)["status"] == "running"  # the winner's record, untouched by the loser
-    finally:
-        gate.touch()  # let the winner's units through
+    except BaseException:
+        gate.touch()
+        for run in runs:  # a failed check must not leave a run going on into the next test's cluster
+            run.kill()
+            run.wait()
+        raise
+    gate.touch()  # let the winner's units through
     winner_out, winner_err = winner.communicate(timeout=240)
     assert winner.returncode == 0, winner_err
     assert record(out)["units"]["done"] == n_units(case) and record(out)["failures"] == []
