@@ -36,7 +36,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from survey_infer.bundle import default_bundle_path, load_bundle  # noqa: E402
 from survey_infer.models import build_model  # noqa: E402
-from survey_infer.tasks.property_maps import MAP_NAMES, TASK, asinh_transform  # noqa: E402
+from survey_infer.imaging import asinh_transform  # noqa: E402
+from survey_infer.tasks.property_maps import MAP_NAMES, TASK  # noqa: E402
 from training.mock_property_maps import BANDS, half_mass_ellipse_mask, simulate_block  # noqa: E402
 from training.sim.ssp import SUN_ABS_MAG_AB  # noqa: E402
 from training.train_property_maps import CHUNK, EVAL_SEEDS, TRAIN_SEED_BASE, predict, softening  # noqa: E402

@@ -54,6 +54,18 @@ def transform_features(features: np.ndarray, transform: str, dtype: type = np.fl
     raise ValueError(f"unknown feature transform {transform!r}; known: {TRANSFORMS}")
 
 
+def describe(features: np.ndarray, statistics: np.ndarray | None, transform: str, projection: np.ndarray | None,
+             dtype: type = np.float64) -> np.ndarray:
+    """Rows' descriptions for the score: transformed features, projected when ``projection`` (F, K) is given,
+    then the input statistics when given (the fit uses float64, the run's scoring float32)."""
+    x = transform_features(features, transform, dtype)
+    if projection is not None:
+        x = x @ np.asarray(projection, dtype)
+    if statistics is not None:
+        x = np.concatenate([x, np.asarray(statistics, dtype)], axis=1)
+    return x
+
+
 @dataclass(frozen=True)
 class TrustModel:
     """A bundle's in-distribution description: Mahalanobis score and its calibrated threshold."""
@@ -77,16 +89,11 @@ class TrustModel:
         if features.ndim != 2 or features.shape[1] != self.n_features:
             raise BundleError(f"engine output {FEATURES_OUTPUT!r} has shape {features.shape}; the bundle's trust "
                               f"description expects (N, {self.n_features})")  # fmt: skip
+        if self.n_statistics and (statistics is None or np.shape(statistics) != (len(features), self.n_statistics)):
+            raise BundleError(f"the bundle's trust description needs {self.n_statistics} input statistics per row "
+                              f"(Task.input_statistics); got {None if statistics is None else np.shape(statistics)}")  # fmt: skip
         # float32 matmuls (half the cost of float64 on the run's hot path; scores agree to ~1e-6 relative)
-        x = transform_features(features, self.transform, np.float32)
-        if self.projection is not None:
-            x = x @ self.projection
-        if self.n_statistics:
-            if statistics is None or np.shape(statistics) != (len(x), self.n_statistics):
-                raise BundleError(f"the bundle's trust description needs {self.n_statistics} input statistics per "
-                                  f"row (Task.input_statistics); got {None if statistics is None else np.shape(statistics)}")  # fmt: skip
-            x = np.concatenate([x, np.asarray(statistics, np.float32)], axis=1)
-        return x
+        return describe(features, statistics if self.n_statistics else None, self.transform, self.projection, np.float32)
 
     def score(self, features: np.ndarray, statistics: np.ndarray | None = None) -> np.ndarray:
         """Mahalanobis distance of each row (features (N, F), statistics (N, S) when the bundle uses them) ->

@@ -15,27 +15,32 @@ from survey_infer.models import build_model
 TINY_KWARGS = {"in_channels": 1, "n_meta": 3, "width": 4, "hidden": 16}
 
 
-def make_tiny_bundle(directory: Path, size: int = 69, seed: int = 0) -> Path:
-    """A mass_to_light bundle with random weights: fast, and enough to test the machinery."""
+def write_random_bundle(directory: Path, task: str, architecture: str, kwargs: dict, engine_io: dict,
+                        input_spec: dict, output_spec: dict, seed: int = 0) -> Path:
+    """A ``task`` bundle (id ``<task>-tiny-v1``) of the architecture with random weights: the machinery, not the
+    science."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = build_model("ml_cnn", **TINY_KWARGS)
-    save_file(model.state_dict(), str(directory / "weights.safetensors"))
+    save_file(build_model(architecture, **kwargs).state_dict(), str(directory / "weights.safetensors"))
     meta = {
-        "bundle_format": 1, "id": "mass_to_light-tiny-v1", "task": "mass_to_light", "name": "tiny", "version": 1,
-        "architecture": {"name": "ml_cnn", "kwargs": TINY_KWARGS},
-        "engine_io": {"inputs": ["image", "meta"], "outputs": ["ml_g", "ml_g_logvar"]},
-        "input_spec": {
-            "image": {"bands": ["g"], "shape": [1, size, size], "dtype": "float32"},
-            "meta": {"columns": ["distance_mpc", "lum_g", "size_kpc"], "transform": "log10",
-                     "mean": [2.2, 10.0, 0.6], "std": [0.15, 0.5, 0.2]},
-        },
-        "output_spec": {"ml_g": {"unit": "Msun/Lsun"}},
-        "training": {"notes": "random weights, for tests only"},
+        "bundle_format": 1, "id": f"{task}-tiny-v1", "task": task, "name": "tiny", "version": 1,
+        "architecture": {"name": architecture, "kwargs": kwargs}, "engine_io": engine_io,
+        "input_spec": input_spec, "output_spec": output_spec, "training": {"notes": "random weights, for tests only"},
         "files": {"weights.safetensors": sha256_file(directory / "weights.safetensors")},
     }  # fmt: skip
     write_json_atomic(directory / "bundle.json", meta)
     return directory
+
+
+def make_tiny_bundle(directory: Path, size: int = 69, seed: int = 0) -> Path:
+    """A mass_to_light bundle with random weights: fast, and enough to test the machinery."""
+    return write_random_bundle(
+        directory, "mass_to_light", "ml_cnn", TINY_KWARGS, {"inputs": ["image", "meta"], "outputs": ["ml_g", "ml_g_logvar"]},
+        {"image": {"bands": ["g"], "shape": [1, size, size], "dtype": "float32"},
+         "meta": {"columns": ["distance_mpc", "lum_g", "size_kpc"], "transform": "log10",
+                  "mean": [2.2, 10.0, 0.6], "std": [0.15, 0.5, 0.2]}},
+        {"ml_g": {"unit": "Msun/Lsun"}}, seed=seed,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

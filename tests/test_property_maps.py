@@ -10,10 +10,9 @@ import pytest
 import torch
 import zarr
 from distributed import Client, LocalCluster
-from safetensors.torch import save_file
 
 from survey_infer import paths
-from survey_infer.bundle import load_bundle, sha256_file, write_json_atomic
+from survey_infer.bundle import load_bundle
 from survey_infer.config import RunConfig
 from survey_infer.errors import StoreError
 from survey_infer.models import build_model
@@ -21,7 +20,7 @@ from survey_infer.outputs import read_done_marker
 from survey_infer.pipeline import plan_run, run_pipeline
 from survey_infer.tasks import get_task
 from survey_infer.tasks.property_maps import MAP_NAMES
-from tests.conftest import assert_exactly_once, read_parts
+from tests.conftest import assert_exactly_once, read_parts, write_random_bundle
 from training.mock_property_maps import half_mass_ellipse_mask, write_mock_property_maps
 from training.sim.universe import (
     EMPTY_SIGMA_MSUN_KPC2, KS_A, KS_N, PROPERTY_MAP_NAMES, simulate,
@@ -106,23 +105,13 @@ def test_half_mass_ellipse_holds_most_of_the_mass(sim):
 
 # ------------------------------------------------------------------------------------ through the pipeline
 def make_tiny_maps_bundle(directory: Path, size: int = SIZE) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = build_model("property_unet", **TINY)
-    save_file(model.state_dict(), str(directory / "weights.safetensors"))
-    meta = {
-        "bundle_format": 1, "id": "property_maps-tiny-v1", "task": "property_maps", "name": "tiny", "version": 1,
-        "architecture": {"name": "property_unet", "kwargs": TINY},
-        "engine_io": {"inputs": ["image"], "outputs": ["maps", "maps_logvar", "empty_logit"]},
-        "input_spec": {"image": {"bands": list(UGRIZ), "shape": [5, size, size], "dtype": "float32",
-                                 "image_units": "nmgy_arcsec2", "softening": [0.2] * 5}},
-        "output_spec": {"maps": {"names": list(MAP_NAMES)}, "maps_err": {"scale": [1.0] * 6},
-                        "empty_probability_threshold": 0.5},
-        "training": {"notes": "random weights, for tests only"},
-        "files": {"weights.safetensors": sha256_file(directory / "weights.safetensors")},
-    }  # fmt: skip
-    write_json_atomic(directory / "bundle.json", meta)
-    return directory
+    return write_random_bundle(
+        directory, "property_maps", "property_unet", TINY,
+        {"inputs": ["image"], "outputs": ["maps", "maps_logvar", "empty_logit"]},
+        {"image": {"bands": list(UGRIZ), "shape": [5, size, size], "dtype": "float32", "image_units": "nmgy_arcsec2",
+                   "softening": [0.2] * 5}},
+        {"maps": {"names": list(MAP_NAMES)}, "maps_err": {"scale": [1.0] * 6}, "empty_probability_threshold": 0.5},
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +209,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "survey_infer" / "data" / "bundl
 def test_shipped_bundle_beats_the_mean_map(tmp_path):
     from training.mock_property_maps import map_residuals, simulate_block
     from training.train_property_maps import predict, softening
-    from survey_infer.tasks.property_maps import asinh_transform
+    from survey_infer.imaging import asinh_transform
 
     bundle = load_bundle(SHIPPED)
     model = build_model("property_unet", **bundle.meta["architecture"]["kwargs"])

@@ -9,14 +9,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from survey_infer.bundle import load_bundle, sha256_file, write_json_atomic
+from survey_infer.bundle import load_bundle
 from survey_infer.cli import main
 from survey_infer.flags import FLAG_BITS
+from survey_infer.imaging import asinh_transform
 from survey_infer.models import build_model
 from survey_infer.tasks import get_task
-from survey_infer.tasks.star_clusters import asinh_transform
+from tests.conftest import write_random_bundle
 from training import cluster_report as cr
 from training.sim import clusters as sim
 from training.sim import isochrones as iso
@@ -28,24 +28,13 @@ TINY_KWARGS = {"in_channels": 3, "widths": [4, 8, 8, 8], "blocks": 1, "hidden": 
 
 def make_tiny_cluster_bundle(directory: Path) -> Path:
     """A star_clusters bundle with random weights (the machinery, not the science)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = build_model("cluster_resnet", **TINY_KWARGS)
-    save_file(model.state_dict(), str(directory / "weights.safetensors"))
-    meta = {
-        "bundle_format": 1, "id": "star_clusters-tiny-v1", "task": "star_clusters", "name": "tiny", "version": 1,
-        "architecture": {"name": "cluster_resnet", "kwargs": TINY_KWARGS},
-        "engine_io": {"inputs": ["image"], "outputs": ["params", "params_logvar"]},
-        "input_spec": {"image": {"bands": list(sim.BANDS), "shape": [3, 64, 64], "dtype": "float32",
-                                 "softening": [sim.noise_flux(b) for b in sim.BANDS]}},
-        "output_spec": {"log_age": {"unit": "dex(yr)", "range": [6.7, 10.3]}, "log_age_err": {"scale": 1.0},
-                        "log_mass": {"unit": "dex(Msun)", "range": [1.9, 4.2]},
-                        "log_rh": {"unit": "dex(pc)", "range": [-1.3, 1.3]}},
-        "training": {"notes": "random weights, for tests only"},
-        "files": {"weights.safetensors": sha256_file(directory / "weights.safetensors")},
-    }  # fmt: skip
-    write_json_atomic(directory / "bundle.json", meta)
-    return directory
+    return write_random_bundle(
+        directory, "star_clusters", "cluster_resnet", TINY_KWARGS, {"inputs": ["image"], "outputs": ["params", "params_logvar"]},
+        {"image": {"bands": list(sim.BANDS), "shape": [3, 64, 64], "dtype": "float32",
+                   "softening": [sim.noise_flux(b) for b in sim.BANDS]}},
+        {"log_age": {"unit": "dex(yr)", "range": [6.7, 10.3]}, "log_age_err": {"scale": 1.0},
+         "log_mass": {"unit": "dex(Msun)", "range": [1.9, 4.2]}, "log_rh": {"unit": "dex(pc)", "range": [-1.3, 1.3]}},
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,8 @@ from torch import nn
 
 from survey_infer.bundle import BUNDLE_FORMAT
 from survey_infer.models import PropertyUNet
-from survey_infer.tasks.property_maps import MAP_NAMES, MAP_UNITS, asinh_transform
+from survey_infer.imaging import asinh_transform
+from survey_infer.tasks.property_maps import MAP_NAMES, MAP_UNITS
 from training.mock_property_maps import BANDS, IMAGE_UNITS, simulate_block
 from training.sim.universe import (
     ELECTRONS_PER_NMGY, EMPTY_SIGMA_MSUN_KPC2, EMPTY_SIGMA_SFR, FOV_IN_HALF_LIGHT_RADII, KS_A, KS_N,

@@ -27,7 +27,8 @@ from torch import nn
 
 from survey_infer.bundle import BUNDLE_FORMAT
 from survey_infer.models import ClusterResNet
-from survey_infer.tasks.star_clusters import TARGETS, UNITS, asinh_transform
+from survey_infer.imaging import asinh_transform
+from survey_infer.tasks.star_clusters import TARGETS, UNITS
 from training.sim import clusters as sim
 from training.train import _augment, _error_scale, write_bundle
 
@@ -189,7 +190,7 @@ def train_star_clusters(out_dir: Path, *, n_train: int, n_val: int, epochs: int,
             "bands": list(bands), "shape": [len(bands), size, size], "dtype": "float32",
             "pixel_scale_arcsec": sim.PIXEL_SCALE_ARCSEC,
             "units": f"linear flux per pixel on the AB zero point {sim.FLUX_ZERO_POINT:g}, sky subtracted",
-            "normalisation": "asinh(flux / softening) per band (survey_infer.tasks.star_clusters.asinh_transform)",
+            "normalisation": "asinh(flux / softening) per band (survey_infer.imaging.asinh_transform)",
             "softening": softening(bands)}},  # fmt: skip
         "output_spec": output_spec,
         "training": {

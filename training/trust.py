@@ -49,7 +49,7 @@ from survey_infer.engines.base import INT8_ONNX_FILE
 from survey_infer.errors import BundleError
 from survey_infer.flags import NO_ESTIMATE
 from survey_infer.tasks import get_task
-from survey_infer.trust import TRUST_FILE, TrustModel, transform_features
+from survey_infer.trust import TRUST_FILE, TrustModel, describe, transform_features
 
 log = logging.getLogger(__name__)
 
@@ -403,12 +403,7 @@ def fit_trust(bundle_dir: str | Path, *, n_fit: int = 8000, n_held_out: int = 80
     def rows(out: dict[str, np.ndarray], ok: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return out[FEATURES_OUTPUT][ok], (out[STATISTICS_KEY][ok] if statistic_names else None)
 
-    described = transform_features(fit_features, transform)
-    if projection is not None:
-        described = described @ projection.astype(np.float64)
-    if statistic_names:
-        described = np.concatenate([described, fit_out[STATISTICS_KEY][fit_ok].astype(np.float64)], axis=1)
-    lw = LedoitWolf().fit(described)
+    lw = LedoitWolf().fit(describe(*rows(fit_out, fit_ok), transform, projection))
     precision = (lw.precision_ + lw.precision_.T) / 2
     whitening = np.linalg.cholesky(precision)  # L L^T = precision: d P d^T = |d L|^2
     model = TrustModel(lw.location_, whitening, transform, np.zeros(10), np.inf, THRESHOLD_QUANTILE, projection,

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from survey_infer.errors import StoreError
+from survey_infer.errors import BundleError, StoreError
+from survey_infer.flags import NO_ESTIMATE, image_flags
+from survey_infer.imaging import asinh_transform
 
 if TYPE_CHECKING:
     from survey_infer.bundle import Bundle
@@ -163,3 +165,21 @@ class CutoutTask(Task):
     def example_inputs(self, bundle: Bundle, n_rows: int, seed: int = 0) -> dict[str, np.ndarray]:
         """Random engine inputs of the right shapes (export, engine checks)."""
         raise NotImplementedError
+
+
+class AsinhCutoutTask(CutoutTask):
+    """A cutout task whose network reads ``asinh(flux / softening_band)`` of linear images, with the softening
+    recorded in the bundle's ``input_spec.image.softening``; unusable cutouts are zeroed and flagged."""
+
+    @staticmethod
+    def softening(bundle: Bundle) -> list[float]:
+        spec = bundle.input_spec["image"]
+        if "softening" not in spec:
+            raise BundleError(f"bundle {bundle.id}: input_spec.image has no 'softening' (one value per band)")
+        return list(spec["softening"])
+
+    def prepare(self, images, columns, bundle):
+        flags = image_flags(images)
+        usable = (flags & NO_ESTIMATE) == 0
+        clean = images if usable.all() else np.where(usable[:, None, None, None], images, 0.0)
+        return {"image": np.ascontiguousarray(asinh_transform(clean, self.softening(bundle)))}, flags

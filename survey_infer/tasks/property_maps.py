@@ -25,9 +25,9 @@ import numpy as np
 
 from survey_infer.bundle import Bundle
 from survey_infer.errors import BundleError, StoreError
-from survey_infer.flags import FLAG_BITS, NO_ESTIMATE, image_flags
-from survey_infer.imaging import SB_STATISTIC_NAMES, asinh_transform, surface_brightness_statistics
-from survey_infer.tasks.base import ArrayOutput, CutoutTask, OutputColumn
+from survey_infer.flags import FLAG_BITS, NO_ESTIMATE
+from survey_infer.imaging import SB_STATISTIC_NAMES, surface_brightness_statistics
+from survey_infer.tasks.base import ArrayOutput, AsinhCutoutTask, OutputColumn
 
 MAP_NAMES = ("log_sigma_mstar", "log_z_star", "log_age_mw", "log_sigma_sfr", "log_sigma_gas", "log_z_gas")
 MAP_UNITS = {
@@ -53,7 +53,7 @@ SUMMARIES = (
 
 
 
-class PropertyMaps(CutoutTask):
+class PropertyMaps(AsinhCutoutTask):
     name = "property_maps"
     array_store = "maps.zarr"
     input_statistic_names = SB_STATISTIC_NAMES  # the ood score's view of the light (trust)
@@ -100,19 +100,6 @@ class PropertyMaps(CutoutTask):
             ArrayOutput("pixel_scale_arcsec", (), "float64", "arcsec",
                         "pixel scale of the row's maps (the cutout's)"),
         ]  # fmt: skip
-
-    @staticmethod
-    def softening(bundle: Bundle) -> list[float]:
-        spec = bundle.input_spec["image"]
-        if "softening" not in spec:
-            raise BundleError(f"bundle {bundle.id}: input_spec.image has no 'softening' (one value per band)")
-        return list(spec["softening"])
-
-    def prepare(self, images, columns, bundle):
-        flags = image_flags(images)
-        usable = (flags & NO_ESTIMATE) == 0
-        clean = np.where(usable[:, None, None, None], images, 0.0) if not usable.all() else images
-        return {"image": np.ascontiguousarray(asinh_transform(clean, self.softening(bundle)))}, flags
 
     def postprocess(self, outputs, columns, flags, bundle):
         maps = np.asarray(outputs["maps"], dtype=np.float32)

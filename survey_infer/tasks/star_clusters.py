@@ -22,9 +22,8 @@ import numpy as np
 
 from survey_infer.bundle import Bundle
 from survey_infer.errors import BundleError
-from survey_infer.flags import FLAG_BITS, NO_ESTIMATE, image_flags
-from survey_infer.imaging import asinh_transform
-from survey_infer.tasks.base import CutoutTask, OutputColumn
+from survey_infer.flags import FLAG_BITS, NO_ESTIMATE
+from survey_infer.tasks.base import AsinhCutoutTask, OutputColumn
 
 TARGETS = ("log_age", "log_mass", "log_rh")
 UNITS = {"log_age": "dex(yr)", "log_mass": "dex(Msun)", "log_rh": "dex(pc)"}
@@ -37,7 +36,7 @@ DESCRIPTIONS = {
 
 
 
-class StarClusters(CutoutTask):
+class StarClusters(AsinhCutoutTask):
     name = "star_clusters"
 
     def output_columns(self, bundle: Bundle) -> list[OutputColumn]:
@@ -46,19 +45,6 @@ class StarClusters(CutoutTask):
             cols.append(OutputColumn(t, "float32", UNITS[t], DESCRIPTIONS[t]))
             cols.append(OutputColumn(f"{t}_err", "float32", "dex", f"1-sigma uncertainty of {t}"))
         return cols
-
-    @staticmethod
-    def softening(bundle: Bundle) -> list[float]:
-        spec = bundle.input_spec["image"]
-        if "softening" not in spec:
-            raise BundleError(f"bundle {bundle.id}: input_spec.image has no 'softening' (one value per band)")
-        return list(spec["softening"])
-
-    def prepare(self, images, columns, bundle):
-        flags = image_flags(images)
-        usable = (flags & NO_ESTIMATE) == 0
-        clean = np.where(usable[:, None, None, None], images, 0.0)
-        return {"image": np.ascontiguousarray(asinh_transform(clean, self.softening(bundle)))}, flags
 
     def postprocess(self, outputs, columns, flags, bundle):
         mean = outputs["params"].astype(np.float64)
