@@ -35,9 +35,13 @@ ROW_ARRAY_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 TEMP_GROUPS_DIR = ".array-groups.tmp"  # beside the array store; emptied when the run ends
 
 
-def unit_chunk_rows(unit_bounds: tuple[tuple[int, int], ...]) -> int:
-    """Rows per chunk such that every unit starts and ends on a chunk boundary (the array end excepted)."""
+def unit_chunk_rows(unit_bounds: tuple[tuple[int, int], ...], rows_per_read: int = 0) -> int:
+    """Rows per chunk such that every unit starts and ends on a chunk boundary (the array end excepted): the
+    rows read per batch when every unit starts on a multiple of them (each batch then fills whole chunks and is
+    written as it comes), else the greatest common divisor of the unit starts."""
     inner = [start for start, _ in unit_bounds[1:]]
+    if rows_per_read > 0 and all(start % rows_per_read == 0 for start in inner):
+        return rows_per_read
     if not inner:
         return max(1, unit_bounds[0][1] - unit_bounds[0][0]) if unit_bounds else 1
     return math.gcd(*inner)
@@ -45,12 +49,12 @@ def unit_chunk_rows(unit_bounds: tuple[tuple[int, int], ...]) -> int:
 
 def create_row_arrays(
     store: Path, outputs: list[ArrayOutput], n_rows: int, unit_bounds: tuple[tuple[int, int], ...],
-    attrs: dict[str, Any],
+    attrs: dict[str, Any], rows_per_read: int = 0,
 ) -> None:
     """Create (or, on a resume, keep) the row arrays and the ``object_id`` array; refuse a mismatched one."""
     group = zarr.open_group(str(store), mode="a", zarr_format=3)
     group.attrs.update({"survey_infer": {"format": 1, "layout": "rows", **attrs}})
-    chunk = min(unit_chunk_rows(unit_bounds), max(n_rows, 1))
+    chunk = min(unit_chunk_rows(unit_bounds, rows_per_read), max(n_rows, 1))
     wanted = [ArrayOutput(ID_ARRAY, (), "int64", "", "object identifier of the row (the catalog's object_id)")]
     for out in wanted + list(outputs):
         shape = (n_rows, *out.per_row_shape)
@@ -75,11 +79,61 @@ def create_group_store(store: Path, attrs: dict[str, Any]) -> None:
 
 def write_row_arrays(store: Path, start: int, stop: int, object_ids: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
     """Write one unit's rows [start, stop) of each row array (the unit owns these chunks)."""
-    for name, values in {ID_ARRAY: object_ids, **arrays}.items():
-        if len(values) != stop - start:
-            raise ValueError(f"array output '{name}' has {len(values)} rows for a unit of {stop - start}")
-        target = zarr.open_array(str(store / name), mode="r+")
-        target[start:stop] = np.asarray(values, dtype=target.dtype)
+    writer = RowArrayWriter(store, start, stop)
+    writer.add(object_ids, arrays)
+    writer.close()
+
+
+class RowArrayWriter:
+    """Writes one unit's rows [start, stop) of the row arrays as its batches arrive, whenever the rows received
+    end on a chunk boundary (or the unit's end): each write fills whole chunks that only this unit owns, and when
+    batches are chunk-sized (`unit_chunk_rows`) no batch is ever copied into a unit-sized buffer first."""
+
+    def __init__(self, store: Path, start: int, stop: int):
+        self.store, self.start, self.stop = Path(store), start, stop
+        self.written = start  # rows [start, written) are on disk
+        self.pending: list[dict[str, np.ndarray]] = []
+        self.pending_rows = 0
+        self._targets: dict[str, zarr.Array] = {}
+
+    def _target(self, name: str) -> zarr.Array:
+        if name not in self._targets:
+            self._targets[name] = zarr.open_array(str(self.store / name), mode="r+")
+        return self._targets[name]
+
+    def add(self, object_ids: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        """Queue one batch's rows (the next ones of the unit); write what now ends on a chunk boundary."""
+        batch = {ID_ARRAY: np.asarray(object_ids), **arrays}
+        rows = len(batch[ID_ARRAY])
+        for name, values in batch.items():
+            if len(values) != rows:
+                raise ValueError(f"array output '{name}' has {len(values)} rows for a batch of {rows}")
+        if self.written + self.pending_rows + rows > self.stop:
+            raise ValueError(f"array outputs got {self.pending_rows + rows} rows past row {self.written}; the unit "
+                             f"ends at {self.stop}")  # fmt: skip
+        self.pending.append(batch)
+        self.pending_rows += rows
+        end = self.written + self.pending_rows
+        if end == self.stop or end % self._target(ID_ARRAY).chunks[0] == 0:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        end = self.written + self.pending_rows
+        for name in self.pending[0]:
+            pieces = [batch[name] for batch in self.pending]
+            values = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            target = self._target(name)
+            target[self.written : end] = np.asarray(values, dtype=target.dtype)
+        self.written, self.pending, self.pending_rows = end, [], 0
+
+    def close(self) -> None:
+        """Write what is left; refuse a unit whose batches did not add up to its rows."""
+        self._flush()
+        if self.written != self.stop:
+            raise ValueError(f"array outputs got rows [{self.start}, {self.written}) for a unit of [{self.start}, "
+                             f"{self.stop})")  # fmt: skip
 
 
 def write_group_atomic(store: Path, group_name: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> Path:

@@ -222,7 +222,7 @@ def _prepare_array_store(plan: RunPlan) -> dict[str, Any] | None:
     outputs = task.array_outputs(plan.bundle)
     attrs = {"task": task.name, "bundle": plan.bundle.id}
     if outputs:
-        create_row_arrays(store, outputs, plan.store.n_rows, spec.unit_bounds, attrs)
+        create_row_arrays(store, outputs, plan.store.n_rows, spec.unit_bounds, attrs, spec.rows_per_read)
     else:
         create_group_store(store, attrs)
     return {"path": str(store), "layout": "rows" if outputs else "groups", "arrays": [o.name for o in outputs]}

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from distributed import WorkerPlugin, get_worker
 
-from survey_infer.array_outputs import write_group_atomic, write_row_arrays
+from survey_infer.array_outputs import RowArrayWriter, write_group_atomic, write_row_arrays
 from survey_infer.bundle import Bundle, load_bundle
 from survey_infer.config import available_cores
 from survey_infer.engines import Engine, make_engine
@@ -186,6 +186,8 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
     pieces: list[dict[str, np.ndarray]] = []
     infer_seconds = 0.0
     reader_stats: dict[str, Any] = {}
+    streamed = task.batch_row_arrays(bundle) if spec.array_store else set()
+    row_writer = RowArrayWriter(Path(spec.out_dir) / spec.array_store, start, stop) if streamed else None
     for offset, images, store_flags in prefetched(unit_batches(spec, unit_index, reader_stats)):
         batch_columns = {k: v[offset : offset + len(images)] for k, v in columns.items()}
         tick = time.perf_counter()
@@ -196,9 +198,13 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
         results = task.postprocess(outputs, batch_columns, flags, bundle)
         statistics = task.input_statistics(images, bundle) if trust is not None and trust.n_statistics else None
         score = score_rows(trust, outputs, flags, spec.ood_threshold, NO_ESTIMATE, FLAG_BITS["ood"], statistics)
+        if row_writer is not None:
+            row_writer.add(batch_columns["object_id"], {k: results.pop(k) for k in streamed})
         pieces.append({**results, SCORE_COLUMN: score, "flag": flags})
 
     merged = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+    if row_writer is not None:
+        row_writer.close()
     result = task.finish_unit(merged, columns, bundle)
     merged = result.rows
     write_unit_arrays(spec, unit_index, columns["object_id"], result)

@@ -15,6 +15,7 @@ from distributed import Client, LocalCluster
 
 from survey_infer import paths
 from survey_infer.array_outputs import (
+    RowArrayWriter,
     create_row_arrays,
     unit_chunk_rows,
     write_group_atomic,
@@ -79,6 +80,32 @@ def test_unit_chunks_follow_the_unit_boundaries():
     assert unit_chunk_rows(((0, 128), (128, 256), (256, 300))) == 128
     assert unit_chunk_rows(((0, 6), (6, 10), (10, 19))) == 2  # tiles: uneven units, whole chunks still
     assert unit_chunk_rows(((0, 50),)) == 50
+    assert unit_chunk_rows(((0, 128), (128, 256), (256, 300)), rows_per_read=64) == 64  # a batch = a chunk
+    assert unit_chunk_rows(((0, 100), (100, 200)), rows_per_read=64) == 100  # batches off the unit grid: units
+
+
+def test_row_array_writer_writes_whole_chunks_as_batches_arrive(tmp_path):
+    store = tmp_path / "maps.zarr"
+    outputs = [ArrayOutput("maps", (2,), "float32", "", "test")]
+    create_row_arrays(store, outputs, 12, ((0, 8), (8, 12)), {}, rows_per_read=4)
+    assert zarr.open_array(str(store / "maps"), mode="r").chunks == (4, 2)
+    writer = RowArrayWriter(store, 0, 8)
+    writer.add(np.arange(4), {"maps": np.full((4, 2), 1.0, np.float32)})
+    assert writer.written == 4 and not writer.pending  # written at once, no unit-sized buffer
+    with pytest.raises(ValueError, match="got rows \\[0, 4\\) for a unit of \\[0, 8\\)"):
+        writer.close()  # a unit whose batches fall short is refused, not marked whole
+    writer.add(np.arange(4, 8), {"maps": np.full((4, 2), 2.0, np.float32)})
+    writer.close()
+    with pytest.raises(ValueError, match="past row 8"):
+        writer.add(np.arange(2), {"maps": np.zeros((2, 2), np.float32)})
+    written = zarr.open_array(str(store / "maps"), mode="r")[:]
+    assert np.array_equal(written[:8, 0], [1.0] * 4 + [2.0] * 4) and np.isnan(written[8:]).all()
+    uneven = RowArrayWriter(store, 8, 12)  # batches of 3 and 1 rows: held until they reach a chunk's end
+    uneven.add(np.arange(8, 11), {"maps": np.full((3, 2), 3.0, np.float32)})
+    assert uneven.written == 8 and uneven.pending_rows == 3
+    uneven.add(np.arange(11, 12), {"maps": np.full((1, 2), 4.0, np.float32)})
+    assert uneven.written == 12
+    assert np.array_equal(zarr.open_array(str(store / "object_id"), mode="r")[:], np.arange(12))
 
 
 def test_row_arrays_of_another_shape_are_refused_on_resume(tmp_path):
@@ -88,7 +115,7 @@ def test_row_arrays_of_another_shape_are_refused_on_resume(tmp_path):
     create_row_arrays(store, outputs, 10, ((0, 5), (5, 10)), {})  # the same again: kept
     with pytest.raises(RefusedError, match=r"array 'maps' .* has shape \(10, 2, 4, 4\)"):
         create_row_arrays(store, [ArrayOutput("maps", (3, 4, 4), "float32", "dex", "test")], 10, ((0, 10),), {})
-    with pytest.raises(ValueError, match="'maps' has 4 rows for a unit of 5"):
+    with pytest.raises(ValueError, match="'maps' has 4 rows for a batch of 5"):
         write_row_arrays(store, 0, 5, np.arange(5), {"maps": np.zeros((4, 2, 4, 4), np.float32)})
 
 
@@ -111,7 +138,7 @@ def test_row_arrays_align_with_catalog_and_survive_a_resume(client, echo_task, s
                        progress=False, build_catalog=False)  # fmt: skip
     assert run_pipeline(config, client).exit_code == 0
     maps = zarr.open_group(str(out / "maps.zarr"), mode="r")
-    assert maps["echo"].shape == (600, 1, 69, 69) and maps["echo"].chunks[0] == 128
+    assert maps["echo"].shape == (600, 1, 69, 69) and maps["echo"].chunks[0] == 64  # a batch of the store
     assert maps["echo"].attrs["planes"] == ["g"]
     images = zarr.open_group(str(small_store), mode="r")["images"][:]
     catalog = read_parts(out).set_index("object_id")

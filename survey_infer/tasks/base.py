@@ -86,7 +86,14 @@ class Task:
         """
         names = {out.name for out in self.array_outputs(bundle)}
         return UnitResult(rows={k: v for k, v in results.items() if k not in names},
-                          row_arrays={k: results[k] for k in names})  # fmt: skip
+                          row_arrays={k: results[k] for k in names if k in results})  # fmt: skip
+
+    def batch_row_arrays(self, bundle: Bundle) -> set[str]:
+        """The results the worker writes as row arrays batch by batch (`array_outputs.RowArrayWriter`) instead of
+        handing them to `finish_unit`: all row arrays, unless the task reduces its rows in its own finish_unit."""
+        if type(self).finish_unit is not Task.finish_unit:
+            return set()
+        return {out.name for out in self.array_outputs(bundle)}
 
     options: ClassVar[dict[str, str]] = {}
     option_names: ClassVar[tuple[str, ...]] = ()  # the options a task accepts (``--task-option KEY=VALUE``)

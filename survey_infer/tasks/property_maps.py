@@ -102,56 +102,76 @@ class PropertyMaps(AsinhCutoutTask):
         ]  # fmt: skip
 
     def postprocess(self, outputs, columns, flags, bundle):
-        maps = np.asarray(outputs["maps"], dtype=np.float32)
-        n = len(maps)
-        if maps.ndim != 4 or maps.shape[1] != len(MAP_NAMES):
-            raise BundleError(f"bundle {bundle.id}: engine output 'maps' has shape {maps.shape}; (N, 6, H, W) expected")
-        threshold = float(bundle.output_spec.get("empty_probability_threshold", 0.5))
-        logit_cut = np.log(threshold / (1.0 - threshold))
-        empty = np.asarray(outputs["empty_logit"]) > logit_cut
-        scale = np.asarray(bundle.output_spec.get("maps_err", {}).get("scale", [1.0] * len(MAP_NAMES)), np.float32)
-        err = scale[None, :, None, None] * np.exp(0.5 * np.asarray(outputs["maps_logvar"], dtype=np.float32))
+        raw = np.asarray(outputs["maps"], dtype=np.float32)
+        n = len(raw)
+        if raw.ndim != 4 or raw.shape[1] != len(MAP_NAMES):
+            raise BundleError(f"bundle {bundle.id}: engine output 'maps' has shape {raw.shape}; (N, 6, H, W) expected")
+        empty = self._empty_pixels(outputs, flags, bundle)
+        nan = np.float32(np.nan)
+        maps = np.where(empty, nan, raw)
+        err = self._map_errors(outputs, bundle)
+        np.copyto(err, nan, where=empty)
         no_estimate = (flags & NO_ESTIMATE) != 0
-        empty |= no_estimate[:, None, None, None]
-        maps = np.where(empty, np.nan, maps).astype(np.float32)
-        err = np.where(empty, np.nan, err).astype(np.float32)
-
-        size = maps.shape[-1]
-        size_kpc = np.asarray(columns.get("size_kpc", np.full(n, np.nan)), dtype=np.float64)
-        distance = np.asarray(columns.get("distance_mpc", np.full(n, np.nan)), dtype=np.float64)
-        pix_kpc = FOV_IN_HALF_LIGHT_RADII * size_kpc / size
+        pix_kpc = FOV_IN_HALF_LIGHT_RADII * np.asarray(columns.get("size_kpc", np.full(n, np.nan)), np.float64) / raw.shape[-1]
         known = np.isfinite(pix_kpc) & (pix_kpc > 0)
         flags[~known & ~no_estimate] |= FLAG_BITS["missing_metadata"]
-        area = np.where(known, pix_kpc**2, np.nan)[:, None, None]
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        sums = _map_summaries(raw, empty, np.where(known, pix_kpc**2, np.nan))
+        for value in sums.values():
+            value[no_estimate] = np.nan
+        distance = np.asarray(columns.get("distance_mpc", np.full(n, np.nan)), dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
             pixel_scale = np.where(known & np.isfinite(distance) & (distance > 0), pix_kpc / distance * 206.264806,
                                    np.nan)  # fmt: skip
-            mass = np.nan_to_num(10.0 ** maps[:, 0].astype(np.float64), nan=0.0)  # Msun/kpc^2, 0 where empty
-            sums = {}
-            for col, k in (("log_mstar_map", 0), ("log_sfr_map", 3), ("log_mgas_map", 4)):
-                total = np.nan_to_num(10.0 ** maps[:, k].astype(np.float64), nan=0.0).sum(axis=(1, 2)) * area[:, 0, 0]
-                sums[col] = np.log10(total)  # -inf: every pixel predicted empty (e.g. no star formation)
-            for col, k in (("log_age_map", 2), ("log_z_star_map", 1)):
-                finite = np.isfinite(maps[:, k])
-                weight = np.where(finite, mass, 0.0)
-                values = np.where(finite, maps[:, k].astype(np.float64), 0.0)
-                weight_sum = weight.sum(axis=(1, 2))
-                sums[col] = np.where(weight_sum > 0, (weight * values).sum(axis=(1, 2)) / weight_sum, np.nan)
-        sums["empty_fraction"] = empty[:, 0].mean(axis=(1, 2))
-        result = {}
-        for col, _, _ in SUMMARIES:
-            value = np.asarray(sums[col], dtype=np.float32)
-            value[no_estimate] = np.nan
-            result[col] = value
-        result["maps"] = maps
-        result["maps_err"] = err
-        result["pixel_scale_arcsec"] = pixel_scale
-        return result
+        return {**sums, "maps": maps, "maps_err": err, "pixel_scale_arcsec": pixel_scale}
+
+    @staticmethod
+    def _empty_pixels(outputs, flags, bundle) -> np.ndarray:
+        """(N, 6, H, W) bool: pixels predicted empty (probability above the bundle's threshold) or of rows
+        without an estimate."""
+        threshold = float(bundle.output_spec.get("empty_probability_threshold", 0.5))
+        empty = np.asarray(outputs["empty_logit"]) > np.float32(np.log(threshold / (1.0 - threshold)))
+        no_estimate = (flags & NO_ESTIMATE) != 0
+        if no_estimate.any():
+            empty[no_estimate] = True
+        return empty
+
+    @staticmethod
+    def _map_errors(outputs, bundle) -> np.ndarray:
+        """1-sigma dex per pixel: the network's sigma times the bundle's per-map scale (float32, a new array)."""
+        scale = np.asarray(bundle.output_spec.get("maps_err", {}).get("scale", [1.0] * len(MAP_NAMES)), np.float32)
+        err = np.exp(np.float32(0.5) * np.asarray(outputs["maps_logvar"], dtype=np.float32))
+        err *= scale[None, :, None, None]
+        return err
 
     def example_inputs(self, bundle, n_rows, seed=0):
         rng = np.random.default_rng(seed)
         shape = tuple(bundle.input_spec["image"]["shape"])
         return {"image": rng.normal(0.0, 1.5, size=(n_rows, *shape)).astype(np.float32)}
+
+
+
+LN10 = np.float32(np.log(10.0))
+TOTALS = (("log_mstar_map", 0), ("log_sfr_map", 3), ("log_mgas_map", 4))
+MASS_WEIGHTED = (("log_age_map", 2), ("log_z_star_map", 1))
+
+
+def _map_summaries(raw: np.ndarray, empty: np.ndarray, pixel_area: np.ndarray) -> dict[str, np.ndarray]:
+    """The catalog's per-object summaries of a batch's maps (float32 (N,) each): totals over the non-empty pixels
+    (x pixel area in kpc^2; -inf when every pixel is empty), stellar-mass-weighted means, the empty fraction.
+    Linear values in float32 (maps are <= ~1e12), sums in float64: the hot path of every row."""
+    linear = np.exp(LN10 * raw[:, [k for _, k in TOTALS]])
+    linear[empty[:, [k for _, k in TOTALS]]] = 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        totals = linear.sum(axis=(2, 3), dtype=np.float64) * pixel_area[:, None]
+        sums = {col: np.log10(totals[:, i]) for i, (col, _) in enumerate(TOTALS)}
+        mass = linear[:, 0]
+        for col, k in MASS_WEIGHTED:
+            weight = np.where(empty[:, k], np.float32(0.0), mass)
+            weight_sum = weight.sum(axis=(1, 2), dtype=np.float64)
+            weighted = np.einsum("nij,nij->n", weight, raw[:, k], dtype=np.float64)
+            sums[col] = np.where(weight_sum > 0, weighted / weight_sum, np.nan)
+    sums["empty_fraction"] = empty[:, 0].mean(axis=(1, 2))
+    return {col: np.asarray(sums[col], dtype=np.float32) for col, _, _ in SUMMARIES}
 
 
 TASK = PropertyMaps()
