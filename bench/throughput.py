@@ -29,6 +29,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -323,17 +324,49 @@ def time_engine(engine, inputs: dict[str, np.ndarray], batch: int, min_seconds: 
             "batch_ms_median": 1e3 * float(np.median(per_batch))}  # fmt: skip
 
 
-def measure_bare(engine_name: str, bundle_dir: Path, inputs, batch: int, threads: int, min_seconds: float) -> dict:
+def time_engines_side_by_side(engines: list, inputs: dict[str, np.ndarray], batch: int, min_seconds: float) -> dict:
+    """Rows/s of several engines each run by its own Python thread at once, as a worker's threads run a shared
+    bundle's sessions (the pipeline's default: one single-threaded inference call per core)."""
+    if len(engines) == 1:
+        return time_engine(engines[0], inputs, batch, min_seconds)
+    results: list[dict] = [{} for _ in engines]
+
+    def one(k: int) -> None:
+        results[k] = time_engine(engines[k], inputs, batch, min_seconds)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(engines))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"rows": sum(r["rows"] for r in results), "seconds": max(r["seconds"] for r in results),
+            "rows_per_s": sum(r["rows_per_s"] for r in results),
+            "batch_ms_median": float(np.median([r["batch_ms_median"] for r in results]))}  # fmt: skip
+
+
+def measure_bare(engine_name: str, bundle_dir: Path, inputs, batch: int, threads: int, min_seconds: float,
+                 sessions: int = 1, precision: str = "fp32") -> dict:  # fmt: skip
+    """The bare engine on in-memory inputs: one session of ``threads`` threads, or ``sessions`` sessions of
+    threads // sessions threads each, run side by side (which is faster depends on the model and machine)."""
     from survey_infer.engines import make_engine
 
     bundle = load_bundle(bundle_dir)
-    engine = make_engine(engine_name, bundle, threads=threads, device="cpu")
+    per_session = max(1, threads // sessions)
+    engines = [make_engine(engine_name, bundle, threads=per_session, device="cpu",
+                           **({"precision": precision} if precision != "fp32" else {}))
+               for _ in range(sessions)]  # fmt: skip
     monitor = CpuMonitor()
-    result = time_engine(engine, inputs, batch, min_seconds)
-    result.update(engine=engine_name, threads=threads, describe=engine.describe(), **monitor.stop())
-    del engine
+    result = time_engines_side_by_side(engines, inputs, batch, min_seconds)
+    result.update(engine=engine_name, threads=threads, sessions=sessions, describe=engines[0].describe(),
+                  **monitor.stop())  # fmt: skip
+    del engines
     gc.collect()
     return result
+
+
+def bare_label(result: dict) -> str:
+    """'onnxruntime 1x2' (sessions x threads each): how a bare measurement ran."""
+    return f"{result['engine']} {result['sessions']}x{max(1, result['threads'] // result['sessions'])}"
 
 
 # ---------------------------------------------------------------------------------------------- pipeline

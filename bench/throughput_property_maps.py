@@ -4,7 +4,8 @@ their ratio, and the peak memory of runs of increasing N (it should stay flat).
     python bench/throughput_property_maps.py [--n 2048,8192] [--threads 2] [--bundle DIR] [--wait-idle 60]
 
 1. Mocks property-maps stores of each N (64 px ugriz, 256 rows per unit) in a work directory (reused).
-2. Bare engines (onnxruntime, torch) on 512 prepared cutouts in memory, ``--threads`` threads, batch 64.
+2. Bare engines (onnxruntime, torch) on 512 prepared cutouts in memory, batch 64: one session of ``--threads``
+   threads, and ``--threads`` 1-thread sessions side by side (as the pipeline runs them); the fastest counts.
 3. For each N, in a fresh subprocess (so that its peak RSS is its own): run_pipeline with the fastest engine on
    an in-process LocalCluster (1 worker, ``--threads`` threads), catalog building off; maps/s from the units'
    time; the process's peak RSS (ru_maxrss) at the end.
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.throughput import CpuMonitor, measure_bare, wait_for_idle  # noqa: E402
+from bench.throughput import CpuMonitor, bare_label, measure_bare, wait_for_idle  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 TASK = "property_maps"
@@ -110,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     stores = {n: ensure_store(args.workdir, n) for n in sizes}
     waited = wait_for_idle(args.wait_idle)
     inputs = prepared(args.bundle, stores[sizes[0]], 512)
-    bare = [measure_bare(e, args.bundle, inputs, 64, args.threads, args.min_seconds) for e in args.engines.split(",")]
+    session_modes = sorted({1, args.threads})  # one session of all threads; one 1-thread session per thread
+    bare = [measure_bare(e, args.bundle, inputs, 64, args.threads, args.min_seconds, sessions=k)
+            for e in args.engines.split(",") for k in session_modes]  # fmt: skip
     best = max(bare, key=lambda r: r["rows_per_s"])
     runs = []
     for n in sizes:
@@ -121,21 +124,25 @@ def main(argv: list[str] | None = None) -> None:
         if done.returncode != 0:
             raise SystemExit(f"pipeline run for N={n} failed:\n{done.stderr[-3000:]}")
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    again = measure_bare(best["engine"], args.bundle, inputs, 64, args.threads, args.min_seconds)
+    again = measure_bare(best["engine"], args.bundle, inputs, 64, args.threads, args.min_seconds,
+                         sessions=best["sessions"])  # fmt: skip
     reference = 0.5 * (best["rows_per_s"] + again["rows_per_s"])
     lines = [f"property_maps throughput, bundle {Path(args.bundle).name}, 64 px ugriz -> 6 maps + errors, "
              f"{args.threads} threads ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
              f"command: {command}", f"waited {waited:.0f} s for an idle machine (--wait-idle {args.wait_idle:g})", "",
-             f"{'bare engine':14s}{'maps/s':>9s}{'batch ms':>10s}{'others':>8s}"]  # fmt: skip
-    for r in bare + [dict(again, engine=again["engine"] + " (again)")]:
-        lines.append(f"{r['engine']:14s}{r['rows_per_s']:9.1f}{r['batch_ms_median']:10.1f}{r['other_cores']:8.2f}")
+             "bare engine: sessions x threads each, side by side (the pipeline's worker threads run one 1-thread "
+             "session each); the fastest is the reference",
+             f"{'bare engine':26s}{'maps/s':>9s}{'batch ms':>10s}{'others':>8s}"]  # fmt: skip
+    for r in bare + [dict(again, engine=again["engine"], again=True)]:
+        label = bare_label(r) + (" (again)" if r.get("again") else "")
+        lines.append(f"{label:26s}{r['rows_per_s']:9.1f}{r['batch_ms_median']:10.1f}{r['other_cores']:8.2f}")
     lines += ["", f"{'pipeline N':12s}{'units':>6s}{'maps/s':>9s}{'vs engine':>10s}{'peak RSS MB':>13s}"
                   f"{'maps.zarr MB':>14s}{'others':>8s}"]  # fmt: skip
     for r in runs:
         lines.append(f"{r['n']:<12d}{r['units']:6d}{r['maps_per_s']:9.1f}{r['maps_per_s'] / reference:10.3f}"
                      f"{r['peak_rss_mb']:13.0f}{r['maps_zarr_mb']:14.1f}{r['other_cores']:8.2f}")  # fmt: skip
     lines.append(f"pipeline_vs_engine {runs[-1]['maps_per_s'] / reference:.3f} (largest N; reference = mean of the "
-                 f"two {best['engine']} measurements bracketing the pipelines, {reference:.1f} maps/s)")
+                 f"two {bare_label(best)} measurements bracketing the pipelines, {reference:.1f} maps/s)")
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
