@@ -4,8 +4,9 @@ Two layouts, both Zarr v3 under the run's output directory (the store's name is 
 
 - **row arrays** ``<store>/<name>`` of shape (N, *per_row_shape), row i = input row i, with an ``object_id``
   array beside them so that rows can be joined to the (re-partitioned) catalog. The client creates them before
-  any unit runs, chunked so that every unit owns whole chunks (chunk rows = the greatest common divisor of the
-  unit boundaries): no two units ever write one chunk, and a unit that is redone rewrites its region whole.
+  any unit runs, chunked so that every unit owns whole chunks (chunk rows = the rows of a read batch when units
+  start on multiples of it, else the greatest common divisor of the unit boundaries): no two units ever write one
+  chunk, a unit writes its batches as they come (`RowArrayWriter`), and a unit that is redone rewrites its region.
 - **group arrays** ``<store>/<group>/<name>`` of any shape, one group per unit key (e.g. a cube id): written
   into a temporary group beside the store and renamed into place, so a group is either whole or absent.
 
