@@ -163,34 +163,66 @@ def light_statistics(images: np.ndarray, fov_in_radii: float = 10.0) -> np.ndarr
 
 
 SB_STATISTIC_BANDS = 5
+ELLIPTICITY_RADIUS = 2.0  # framing radii: the middle band's second moments are taken inside this disc
+_LOGIT_EPS = 1e-3  # light fractions are clipped to [eps, 1 - eps] before the logit (noise can push them past 0 or 1)
 SB_STATISTIC_NAMES = tuple(
-    [f"log_snr_band{k}" for k in range(SB_STATISTIC_BANDS)] + [f"light_fraction_lt_{r:g}" for r in FRAMING_RADII]
+    [f"log_snr_band{k}" for k in range(SB_STATISTIC_BANDS)]
+    + [f"logit_light_fraction_lt_{r:g}" for r in FRAMING_RADII]
     + [f"colour_{k}_{k + 1}" for k in range(SB_STATISTIC_BANDS - 1)]
+    + [f"sqrt_ellipticity_lt_{ELLIPTICITY_RADIUS:g}"]
 )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=32)
+def _sb_weights(shape: tuple[int, int], fov_in_radii: float) -> np.ndarray:
+    """(H*W, 8) float32 weights of `surface_brightness_statistics`: the discs < 0.5, 1, 1.5, 2 and 4 framing
+    radii, then x^2 + y^2, x^2 - y^2 and 2xy (in framing radii) inside ELLIPTICITY_RADIUS: every aperture sum and
+    second moment of a batch is one matrix product."""
+    h, w = shape
+    yy, xx = np.indices((h, w)) - (np.array([h, w])[:, None, None] - 1) / 2.0
+    x, y = (xx / (w / fov_in_radii)).ravel(), (yy / (w / fov_in_radii)).ravel()
+    inside = np.hypot(x, y) < ELLIPTICITY_RADIUS
+    moments = np.stack([inside * (x * x + y * y), inside * (x * x - y * y), inside * 2.0 * x * y], axis=1)
+    discs = radial_weights(shape, fov_in_radii, _discs(FRAMING_RADII + (4.0,)))
+    weights = np.ascontiguousarray(np.concatenate([discs, moments.astype(np.float32)], axis=1))
+    weights.setflags(write=False)
+    return weights
+
+
 def surface_brightness_statistics(images: np.ndarray, fov_in_radii: float = 10.0) -> np.ndarray:
-    """What a linear, sky-subtracted multi-band cutout (N, 5, H, W) holds for its framing (N, 13) float32.
+    """What a linear, sky-subtracted multi-band cutout (N, 5, H, W) holds for its framing (N, 14) float32.
 
     Per band, log10 of the S/N of the light inside 2 framing radii (noise: MAD of `sky_sample`): a source
-    or none; in the middle band, the fraction of the light within 0.5, 1, 1.5 and 2 framing radii of that within
-    4 (a star framed by its own size is too concentrated for a galaxy of that framing, see `light_statistics`);
-    and the colours (-2.5 log10 of neighbouring bands' central fluxes, clipped to +-5 mag): the populations.
+    or none; in the middle band, the logit of the fraction of the light within 0.5, 1, 1.5 and 2 framing radii of
+    that within 4 (a star framed by its own size is too concentrated for a galaxy of that framing, see
+    `light_statistics`; the logit spreads the fractions' crowded ends, near 1 where such a star lies, so that the
+    galaxies' values are closer to Gaussian for the score's single ellipsoid); the colours (-2.5 log10 of
+    neighbouring bands' central fluxes, clipped to +-5 mag): the populations; and the square root of the middle
+    band's second-moment ellipticity |(Qxx - Qyy, 2 Qxy)| / (Qxx + Qyy) inside 2 framing radii, clipped to [0, 1]
+    (the root makes the galaxies' inclination-spread values closer to Gaussian): a star is round, most galaxies
+    are not. Runs on every row of a run: the aperture sums and moments are one matrix product (`_sb_weights`) and
+    the noise two partitions of the sample (~0.03 ms a row of 5 x 64 x 64 on one core).
     """
     x = np.asarray(images, dtype=np.float32)
     n, c, h, w = x.shape
     if c != SB_STATISTIC_BANDS:
         raise ValueError(f"surface_brightness_statistics needs {SB_STATISTIC_BANDS} bands; got {c}")
-    border = x.reshape(n, c, h * w)[:, :, sky_sample((h, w))]
-    sigma = 1.4826 * np.median(np.abs(border - np.median(border, axis=2, keepdims=True)), axis=2)  # (N, C)
-    weights = radial_weights((h, w), fov_in_radii, _discs(FRAMING_RADII + (4.0,)))  # < 0.5, 1, 1.5, 2, 4
-    sums = (x.reshape(n, c, h * w) @ weights).astype(np.float64)  # (N, C, 5)
+    sample = np.take(x.reshape(n * c, h * w), sky_sample((h, w)), axis=1)  # contiguous (N*C, M): partitions are fast
+    middle = sample.shape[1] // 2
+    sample.partition(middle, axis=1)
+    deviation = np.abs(sample - sample[:, middle : middle + 1])
+    deviation.partition(middle, axis=1)
+    sigma = 1.4826 * deviation[:, middle].astype(np.float64).reshape(n, c)  # (N, C) MAD sigma
+    weights = _sb_weights((h, w), float(fov_in_radii))
+    sums = (x.reshape(n * c, h * w) @ weights).astype(np.float64).reshape(n, c, -1)  # (N, C, 8)
     snr = sums[:, :, 3] / np.maximum(sigma * np.sqrt(weights[:, 3].sum()), 1e-30)
     mid = sums[:, c // 2]
-    fractions = mid[:, :4] / np.maximum(np.abs(mid[:, 4:5]), 1e-30)
+    fractions = np.clip(mid[:, :4] / np.maximum(np.abs(mid[:, 4:5]), 1e-30), _LOGIT_EPS, 1.0 - _LOGIT_EPS)
     central = np.maximum(sums[:, :, 1], 1e-30)
     colours = np.clip(-2.5 * np.log10(central[:, :-1] / central[:, 1:]), -5.0, 5.0)
-    return np.column_stack([np.log10(np.maximum(snr, 1e-3)), fractions, colours]).astype(np.float32)
+    ellipticity = np.clip(np.hypot(mid[:, 6], mid[:, 7]) / np.maximum(mid[:, 5], 1e-30), 0.0, 1.0)
+    return np.column_stack([np.log10(np.maximum(snr, 1e-3)), np.log(fractions / (1.0 - fractions)), colours,
+                            np.sqrt(ellipticity)]).astype(np.float32)  # fmt: skip
 
 
 def asinh_transform(images: np.ndarray, softening: np.ndarray | list[float]) -> np.ndarray:
