@@ -61,7 +61,7 @@ STATISTICS_KEY = "_input_statistics"
 # raw activations separate blank sky better (0.81 -> 0.94).
 # mass_profiles: "none" (its 32 features come out of a SiLU, which can be negative; not tuned on shifts).
 TRANSFORM = {"mass_to_light": "sqrt", "star_clusters": "none", "mass_profiles": "none",
-             "property_maps": "none",  # property_maps: mean-pooled bottleneck ReLUs; not tuned on shifts
+             "property_maps": "sqrt",  # mean-pooled bottleneck ReLUs: heavy tails (excess kurtosis ~26) set the threshold
              "sfh": "none"}  # sfh: the GELU latent (negative values too: no square root)
 DEFAULT_TRANSFORM = "sqrt"
 # Principal components of the features kept for the score, where the task's input statistics would otherwise
