@@ -6,8 +6,9 @@ their ratio, and the peak memory of runs of increasing N (it should stay flat).
 1. Mocks property-maps stores of each N (64 px ugriz, 256 rows per unit) in a work directory (reused).
 2. Bare engines (onnxruntime, torch) on 512 prepared cutouts in memory, batch 64: one session of ``--threads``
    threads, and ``--threads`` 1-thread sessions side by side (as the pipeline runs them); the fastest counts.
-3. For each N, in a fresh subprocess (so that its peak RSS is its own): run_pipeline with the fastest engine on
-   an in-process LocalCluster (1 worker, ``--threads`` threads), catalog building off; maps/s from the units'
+3. For each N, in a fresh subprocess (so that its peak RSS is its own): run_pipeline with the fastest engine in
+   its fastest mode on an in-process LocalCluster (1 worker; one worker thread per session, each inference call
+   ``--threads`` / sessions threads), catalog building off; maps/s from the units'
    time; the process's peak RSS (ru_maxrss) at the end.
 4. The fastest bare engine again after the pipelines (the shared VM drifts): the reference is their mean.
 Reported with the CPU other processes took meanwhile (``others``): on a busy machine the numbers are low.
@@ -69,7 +70,8 @@ def child(args: argparse.Namespace) -> None:
     out = Path(args.child_out)
     shutil.rmtree(out, ignore_errors=True)
     config = RunConfig(task=TASK, input=Path(args.child_store), output=out, bundle=args.bundle, engine=args.engine,
-                       device="cpu", workers=1, threads_per_worker=args.threads, in_process=True,
+                       device="cpu", workers=1, threads_per_worker=args.sessions, in_process=True,
+                       engine_threads=max(1, args.threads // args.sessions),
                        build_catalog=False, progress=False)  # fmt: skip
     plan = plan_run(config)
     with client_for(config) as client:
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wait-idle", type=float, default=0.0)
     p.add_argument("--min-seconds", type=float, default=8.0)
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--sessions", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-store", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for n in sizes:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--bundle", str(args.bundle), "--threads",
-               str(args.threads), "--engine", best["engine"], "--child-store", str(stores[n]), "--child-out",
+               str(args.threads), "--engine", best["engine"], "--sessions", str(best["sessions"]), "--child-store",
+               str(stores[n]), "--child-out",
                str(args.workdir / f"out_{n}")]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if done.returncode != 0:

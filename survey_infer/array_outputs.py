@@ -19,6 +19,8 @@ import math
 import os
 import shutil
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +90,24 @@ def write_row_arrays(store: Path, start: int, stop: int, object_ids: np.ndarray,
 class RowArrayWriter:
     """Writes one unit's rows [start, stop) of the row arrays as its batches arrive, whenever the rows received
     end on a chunk boundary (or the unit's end): each write fills whole chunks that only this unit owns, and when
-    batches are chunk-sized (`unit_chunk_rows`) no batch is ever copied into a unit-sized buffer first."""
+    batches are chunk-sized (`unit_chunk_rows`) no batch is ever copied into a unit-sized buffer first.
 
-    def __init__(self, store: Path, start: int, stop: int):
+    With ``background`` the writes (compression, file I/O) run in one thread of their own while the unit goes on
+    with its next batch, at most MAX_PENDING_WRITES behind (memory stays bounded). `close` waits for them and
+    raises their error; `abandon` (a failed unit) waits too, so that no write of a failed attempt lands after
+    the unit has been given up and is redone elsewhere.
+    """
+
+    MAX_PENDING_WRITES = 2
+
+    def __init__(self, store: Path, start: int, stop: int, background: bool = False):
         self.store, self.start, self.stop = Path(store), start, stop
-        self.written = start  # rows [start, written) are on disk
+        self.written = start  # rows [start, written) are written or being written
         self.pending: list[dict[str, np.ndarray]] = []
         self.pending_rows = 0
         self._targets: dict[str, zarr.Array] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="survey-infer-write") if background else None
+        self._writes: deque[Future] = deque()
 
     def _target(self, name: str) -> zarr.Array:
         if name not in self._targets:
@@ -103,7 +115,8 @@ class RowArrayWriter:
         return self._targets[name]
 
     def add(self, object_ids: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
-        """Queue one batch's rows (the next ones of the unit); write what now ends on a chunk boundary."""
+        """Queue one batch's rows (the next ones of the unit; not modified afterwards by the caller); write what
+        now ends on a chunk boundary."""
         batch = {ID_ARRAY: np.asarray(object_ids), **arrays}
         rows = len(batch[ID_ARRAY])
         for name, values in batch.items():
@@ -121,20 +134,49 @@ class RowArrayWriter:
     def _flush(self) -> None:
         if not self.pending:
             return
-        end = self.written + self.pending_rows
+        start, end = self.written, self.written + self.pending_rows
+        region = {}
         for name in self.pending[0]:
             pieces = [batch[name] for batch in self.pending]
-            values = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-            target = self._target(name)
-            target[self.written : end] = np.asarray(values, dtype=target.dtype)
+            region[name] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         self.written, self.pending, self.pending_rows = end, [], 0
+        if self._executor is None:
+            self._write(start, end, region)
+            return
+        while len(self._writes) >= self.MAX_PENDING_WRITES:
+            self._writes.popleft().result()
+        self._writes.append(self._executor.submit(self._write, start, end, region))
+
+    def _write(self, start: int, end: int, region: dict[str, np.ndarray]) -> None:
+        for name, values in region.items():
+            target = self._target(name)
+            target[start:end] = np.asarray(values, dtype=target.dtype)
+
+    def _wait(self) -> None:
+        try:
+            while self._writes:
+                self._writes.popleft().result()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
-        """Write what is left; refuse a unit whose batches did not add up to its rows."""
-        self._flush()
+        """Write what is left and wait for every write; refuse a unit whose batches did not add up to its rows."""
+        try:
+            self._flush()
+        finally:
+            self._wait()
         if self.written != self.stop:
             raise ValueError(f"array outputs got rows [{self.start}, {self.written}) for a unit of [{self.start}, "
                              f"{self.stop})")  # fmt: skip
+
+    def abandon(self) -> None:
+        """A failed unit: drop what is queued, wait for the writes already running (their errors are moot)."""
+        self.pending, self.pending_rows = [], 0
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 - the unit's own error is the one reported
+            pass
 
 
 def write_group_atomic(store: Path, group_name: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> Path:

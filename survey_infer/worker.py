@@ -187,24 +187,29 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
     infer_seconds = 0.0
     reader_stats: dict[str, Any] = {}
     streamed = task.batch_row_arrays(bundle) if spec.array_store else set()
-    row_writer = RowArrayWriter(Path(spec.out_dir) / spec.array_store, start, stop) if streamed else None
-    for offset, images, store_flags in prefetched(unit_batches(spec, unit_index, reader_stats)):
-        batch_columns = {k: v[offset : offset + len(images)] for k, v in columns.items()}
-        tick = time.perf_counter()
-        inputs, flags = task.prepare(images, batch_columns, bundle)
-        outputs = engine.run(inputs)
-        infer_seconds += time.perf_counter() - tick
-        flags |= store_flags
-        results = task.postprocess(outputs, batch_columns, flags, bundle)
-        statistics = task.input_statistics(images, bundle) if trust is not None and trust.n_statistics else None
-        score = score_rows(trust, outputs, flags, spec.ood_threshold, NO_ESTIMATE, FLAG_BITS["ood"], statistics)
+    row_writer = (RowArrayWriter(Path(spec.out_dir) / spec.array_store, start, stop, background=True)
+                  if streamed else None)  # fmt: skip
+    try:
+        for offset, images, store_flags in prefetched(unit_batches(spec, unit_index, reader_stats)):
+            batch_columns = {k: v[offset : offset + len(images)] for k, v in columns.items()}
+            tick = time.perf_counter()
+            inputs, flags = task.prepare(images, batch_columns, bundle)
+            outputs = engine.run(inputs)
+            infer_seconds += time.perf_counter() - tick
+            flags |= store_flags
+            results = task.postprocess(outputs, batch_columns, flags, bundle)
+            statistics = task.input_statistics(images, bundle) if trust is not None and trust.n_statistics else None
+            score = score_rows(trust, outputs, flags, spec.ood_threshold, NO_ESTIMATE, FLAG_BITS["ood"], statistics)
+            if row_writer is not None:  # written in the background while the next batch runs
+                row_writer.add(batch_columns["object_id"], {k: results.pop(k) for k in streamed})
+            pieces.append({**results, SCORE_COLUMN: score, "flag": flags})
+    except BaseException:
         if row_writer is not None:
-            row_writer.add(batch_columns["object_id"], {k: results.pop(k) for k in streamed})
-        pieces.append({**results, SCORE_COLUMN: score, "flag": flags})
-
-    merged = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+            row_writer.abandon()
+        raise
     if row_writer is not None:
         row_writer.close()
+    merged = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
     result = task.finish_unit(merged, columns, bundle)
     merged = result.rows
     write_unit_arrays(spec, unit_index, columns["object_id"], result)

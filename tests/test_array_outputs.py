@@ -119,6 +119,24 @@ def test_row_arrays_of_another_shape_are_refused_on_resume(tmp_path):
         write_row_arrays(store, 0, 5, np.arange(5), {"maps": np.zeros((4, 2, 4, 4), np.float32)})
 
 
+def test_background_row_writes_land_by_close_and_raise_their_errors_there(tmp_path):
+    store = tmp_path / "maps.zarr"
+    create_row_arrays(store, [ArrayOutput("maps", (2,), "float32", "", "test")], 12, ((0, 12),), {}, rows_per_read=4)
+    writer = RowArrayWriter(store, 0, 12, background=True)
+    for k in range(3):
+        writer.add(np.arange(4 * k, 4 * k + 4), {"maps": np.full((4, 2), float(k), np.float32)})
+    writer.close()
+    np.testing.assert_array_equal(zarr.open_array(str(store / "maps"), mode="r")[:, 0], np.repeat([0.0, 1.0, 2.0], 4))
+    failing = RowArrayWriter(store, 0, 12, background=True)
+    failing.add(np.arange(4), {"maps": np.zeros((4, 3), np.float32)})  # the wrong shape: zarr refuses, in the thread
+    with pytest.raises(ValueError):
+        failing.close()
+    abandoned = RowArrayWriter(store, 0, 12, background=True)
+    abandoned.add(np.arange(4), {"maps": np.full((4, 2), 9.0, np.float32)})
+    abandoned.abandon()  # waits for the write already running; nothing of it comes later
+    assert zarr.open_array(str(store / "maps"), mode="r")[0, 0] == 9.0 and abandoned._executor._shutdown
+
+
 def test_group_written_again_replaces_the_old_one_whole(tmp_path):
     store = tmp_path / "sfh.zarr"
     zarr.open_group(str(store), mode="w", zarr_format=3)
