@@ -149,13 +149,12 @@ def light_statistics(images: np.ndarray, fov_in_radii: float = 10.0) -> np.ndarr
     border_idx, inner_idx, disc_weights, ring_means = _light_layout((h, w), float(fov_in_radii))
     flat = x.reshape(n, h * w)
     border = flat[:, border_idx] + np.float32(1.0)  # sky pixels lifted so that the floor (-1) is 0
-    lifted = border > np.float32(0.001)
-    mean_lift = np.where(lifted, border, np.float32(0.0)).sum(axis=1) / np.maximum(lifted.sum(axis=1), 1)
+    lifted = (border > np.float32(0.001)).astype(np.float32)  # 0/1 products: np.where here cost 5x as much
+    mean_lift = (lifted * border).sum(axis=1) / np.maximum(lifted.sum(axis=1), 1.0)
     dex_range = 2.0 * _SKY_DEX_ABOVE_FLOOR / np.maximum(mean_lift.astype(np.float64), 1e-3)
     inner = flat[:, inner_idx] + np.float32(1.0)
     rate = (np.log(10.0) * dex_range / 2.0).astype(np.float32)[:, None]
-    light = np.exp(np.minimum(inner * rate, np.float32(30 * np.log(10))))
-    light[inner <= np.float32(0.001)] = 0.0  # the floor holds no light
+    light = np.exp(np.minimum(inner * rate, np.float32(30 * np.log(10)))) * (inner > np.float32(0.001))  # floor: none
     discs = light @ disc_weights  # (N, 5): within 0.5, 1, 1.5, 2, 4 radii
     fractions = discs[:, :-1].astype(np.float64) / np.maximum(discs[:, -1:].astype(np.float64), 1e-30)
     annuli = flat @ ring_means
