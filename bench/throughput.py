@@ -349,7 +349,9 @@ def measure_bare(engine_name: str, bundle_dir: Path, inputs, batch: int, threads
     """The bare engine on in-memory inputs: one session of ``threads`` threads, or ``sessions`` sessions of
     threads // sessions threads each, run side by side (which is faster depends on the model and machine)."""
     from survey_infer.engines import make_engine
+    from survey_infer.worker import keep_freed_memory
 
+    keep_freed_memory()  # the allocator settings the pipeline's workers run with
     bundle = load_bundle(bundle_dir)
     per_session = max(1, threads // sessions)
     engines = [make_engine(engine_name, bundle, threads=per_session, device="cpu",
