@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import platform
 import threading
 
 import pytest
 from distributed import Client, LocalCluster
 
-from survey_infer.config import RunConfig
+from survey_infer.config import RunConfig, available_cores
 from survey_infer.pipeline import run_pipeline
-from survey_infer.worker import prefetched
+from survey_infer.worker import keep_freed_memory, prefetched
 
 
 def test_prefetch_reads_the_next_item_while_the_current_one_is_used():
@@ -50,5 +51,20 @@ def test_engine_is_loaded_once_per_worker(small_store, tmp_path, tiny_bundle):
 
                 return [(key.engine, count) for key, count in worker.ENGINE_LOADS.items()]
 
+            def blas_threads():
+                from threadpoolctl import threadpool_info
+
+                return sorted({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+
             per_worker = client.run(loaded_keys)
+            blas_per_worker = client.run(blas_threads)
     assert list(per_worker.values()) == [[("torch", 1)], [("torch", 1)]]
+    # each of a worker's 2 threads runs inference of cores // 2 threads; numpy's BLAS gets the same, not all cores
+    expected = [max(1, available_cores() // 2)]
+    assert all(threads == expected for threads in blas_per_worker.values()), blas_per_worker
+
+
+def test_workers_keep_freed_memory_for_the_next_batch():
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's; elsewhere the allocator is left alone")
+    assert keep_freed_memory() is True  # both mallopt calls accepted
