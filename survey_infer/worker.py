@@ -81,7 +81,7 @@ def keep_freed_memory() -> bool:
     """Let glibc's malloc reuse the batches' large temporaries instead of mapping and unmapping them each time
     (Dask's workers trim freed memory at 64 kB). Every batch allocates the same few MB of arrays; a fresh mapping
     faults in every page again, which on this VM doubled the trust statistics' cost (mass_to_light in-process
-    4,239 -> 4,587 cutouts/s). Memory stays flat: the heap holds one batch's working set. False where the C
+    4,239 -> 4,613 cutouts/s). Memory stays flat: the heap holds one batch's working set. False where the C
     library is not glibc (nothing changed)."""
     import ctypes
     import ctypes.util
