@@ -65,8 +65,8 @@ def loaded_engine(key: EngineKey, worker_threads: int | None = None) -> tuple[Bu
 
 def limit_blas_threads(threads: int) -> None:
     """Give numpy's BLAS (the tasks' aperture sums, the trust score's projections) the same threads per call as
-    the engine. Left at all cores, OpenBLAS's idle threads spin after every small matrix product and took ~0.8 ms
-    of CPU a row from the engine in property_maps runs (385 -> 451 maps/s on 2 cores once limited)."""
+    the engine. Left at all cores, OpenBLAS's idle threads spin after every small matrix product: ~0.8 ms of
+    CPU a row taken from the engine of a 64 px U-Net on 2 cores (bench/README.md, 2026-11-24)."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=max(1, int(threads)), user_api="blas")
@@ -80,8 +80,8 @@ ALLOCATOR_KEEP_BYTES = 256 * 2**20
 def keep_freed_memory() -> bool:
     """Let glibc's malloc reuse the batches' large temporaries instead of mapping and unmapping them each time
     (Dask's workers trim freed memory at 64 kB). Every batch allocates the same few MB of arrays; a fresh mapping
-    faults in every page again, which on this VM doubled the trust statistics' cost (mass_to_light in-process
-    4,239 -> 4,613 cutouts/s). Memory stays flat: the heap holds one batch's working set. False where the C
+    faults in every page again, which on this VM doubled the trust statistics' cost (bench/README.md,
+    2026-11-24). Memory stays flat: the heap holds one batch's working set. False where the C
     library is not glibc (nothing changed)."""
     import ctypes
     import ctypes.util
