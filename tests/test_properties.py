@@ -8,7 +8,9 @@ from __future__ import annotations
 import re
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -29,6 +31,29 @@ from survey_infer.tiles import ingest_tiles, open_tiles
 from survey_infer.worker import process_unit
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@contextmanager
+def quiet_tmp_dir() -> Iterator[Path]:
+    """A temporary directory, with the warnings that damaged inputs raise (units, dtypes, overflow) silenced."""
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield Path(tmp)
+
+
+def ingest_or_refusal(ingest: Callable[[], Any], store: Path, names_what: Callable[[str], bool]) -> tuple[bool, Any]:
+    """Run an ingest. A refusal (StoreError) must name what is wrong (``names_what(message)``) and leave nothing
+    at ``store``; (False, None) then. (True, what the ingest returned) when it ingested."""
+    try:
+        result = ingest()
+    except StoreError as exc:
+        message = str(exc)
+        assert names_what(message), message
+        assert not store.exists(), message  # a refused ingest writes nothing
+        event("refused: " + re.sub(r"/\S+", "PATH", message)[:40])
+        return False, None
+    event("ingested")
+    return True, result
 DTYPES = ["float32", "float16", "float64", "int16", "uint8", "int64"]
 
 
@@ -219,9 +244,7 @@ def _header(kind: str) -> fits.Header:
 @FAST
 @given(inputs=tile_inputs())
 def test_tiles_ingest_refuses_cleanly_or_keeps_every_source_once(inputs):
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tmp = Path(tmp)
+    with quiet_tmp_dir() as tmp:
         image = tmp / "tile_g.fits"
         fits.PrimaryHDU(np.random.default_rng(0).normal(0, 1, inputs["shape"]).astype(np.float32),
                         header=_header(inputs["wcs"])).writeto(image)  # fmt: skip
@@ -243,17 +266,12 @@ def test_tiles_ingest_refuses_cleanly_or_keeps_every_source_once(inputs):
         sources = tmp / f"sources{inputs['format']}"
         table.write(sources)
         store = tmp / "tiles.zarr"
-        try:
-            summary = ingest_tiles(store, [{"g": str(image)}], sources,
-                                   size_col="r_half_arcsec" if inputs["size"] else None)  # fmt: skip
-        except StoreError as exc:
-            message = str(exc)
-            assert any(name in message for name in (str(image), str(sources), "band g", "'ra'", "'dec'",
-                                                    "'object_id'", "'r_half_arcsec'")), message  # fmt: skip
-            assert not store.exists()  # a refused ingest writes nothing
-            event("refused: " + re.sub(r"/\S+", "PATH", message)[:40])
+        names = (str(image), str(sources), "band g", "'ra'", "'dec'", "'object_id'", "'r_half_arcsec'")
+        ingested, summary = ingest_or_refusal(
+            lambda: ingest_tiles(store, [{"g": str(image)}], sources, size_col="r_half_arcsec" if inputs["size"] else None),
+            store, lambda message: any(name in message for name in names))  # fmt: skip
+        if not ingested:
             return
-        event("ingested")
         assert inputs["wcs"] == "tan" and len(inputs["shape"]) == 2 and inputs["ra_col"] == "ra"
         assert n > 0 and set(inputs["coords"]) <= {"in", "off"}
         assert inputs["ids"] in ("ok", "text") or (inputs["ids"] == "dup" and n == 1)
@@ -284,9 +302,7 @@ def star_tables(draw) -> dict:
 def test_kinematics_ingest_refuses_cleanly_or_keeps_every_star_once(inputs):
     from survey_infer.kinematics import ingest_kinematics, open_kinematics
 
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tmp = Path(tmp)
+    with quiet_tmp_dir() as tmp:
         rng = np.random.default_rng(0)
         gid = np.repeat(np.arange(len(inputs["counts"])) * 7 + 3, inputs["counts"])
         n, damage = len(gid), inputs["damage"]
@@ -314,16 +330,12 @@ def test_kinematics_ingest_refuses_cleanly_or_keeps_every_star_once(inputs):
         path = tmp / f"stars{inputs['format']}"
         table.write(path)
         store = tmp / "kin.zarr"
-        try:
-            ingest_kinematics(path, store)
-        except StoreError as exc:
-            message = str(exc)
-            assert str(path) in message or re.search(r"'(x|y|v_los|v_err|ra|dec|galaxy_id)'", message) or \
-                "no galaxies" in message or "a kinematics store needs" in message, message
-            assert not store.exists(), message  # a refused ingest writes nothing
-            event("refused: " + re.sub(r"/\S+", "PATH", message)[:40])
+        ingested, _ = ingest_or_refusal(
+            lambda: ingest_kinematics(path, store), store,
+            lambda message: str(path) in message or re.search(r"'(x|y|v_los|v_err|ra|dec|galaxy_id)'", message)
+            or "no galaxies" in message or "a kinematics store needs" in message)  # fmt: skip
+        if not ingested:
             return
-        event("ingested")
         assert n > 0 and damage in ("none", "shuffled", "ra_varies"), damage
         info = open_kinematics(store)
         group = zarr.open_group(str(store), mode="r")
@@ -351,9 +363,7 @@ def muse_cubes(draw) -> dict:
 def test_ifu_ingest_refuses_cleanly_or_keeps_every_spaxel(inputs):
     from survey_infer.ifu import ingest_ifu, open_ifu
 
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tmp = Path(tmp)
+    with quiet_tmp_dir() as tmp:
         rng = np.random.default_rng(1)
         shape = inputs["shape"]
         data = rng.uniform(1.0, 2.0, shape).astype(np.float32)
@@ -388,15 +398,10 @@ def test_ifu_ingest_refuses_cleanly_or_keeps_every_spaxel(inputs):
         cube = tmp / "cube.fits"
         fits.HDUList(hdus).writeto(cube)
         store = tmp / "ifu.zarr"
-        try:
-            ingest_ifu([cube], store)
-        except StoreError as exc:
-            message = str(exc)
-            assert str(cube) in message or "cube" in message, message
-            assert not store.exists(), message  # a refused ingest writes nothing
-            event("refused: " + re.sub(r"/\S+", "PATH", message)[:40])
+        ingested, _ = ingest_or_refusal(lambda: ingest_ifu([cube], store), store,
+                                        lambda message: str(cube) in message or "cube" in message)  # fmt: skip
+        if not ingested:
             return
-        event("ingested")
         info = open_ifu(store)
         assert info.n_rows == 1
         flux = zarr.open_group(str(store), mode="r")[f"cubes/{info.cubes[0].name}/flux"]
