@@ -11,10 +11,11 @@
 3. Bare reference: the fastest CPU engine (ONNX Runtime at all cores, --precision fp32 or int8) on 4,096
    in-memory cutouts, before and after the runs (this VM's speed drifts: the reference is their mean), each
    time the faster of one session x all cores and one 1-thread session per core side by side.
-4. Each N: `run_pipeline` exactly as `survey-infer run` does it (LocalCluster of worker processes, HATS
-   catalog built), while a thread samples every 0.5 s the RSS of this client process (which hosts the
-   scheduler and the nannies) and of each Dask worker. Rows are counted in the Parquet parts and in the HATS
-   catalog (catalogs.open_run), and object ids checked unique.
+4. Each N, in a fresh process: `run_pipeline` exactly as `survey-infer run` does it (LocalCluster of worker
+   processes, HATS catalog built), while a thread samples every 0.5 s the RSS of that process (the client, which
+   hosts the scheduler and the nannies) and of each Dask worker. Peaks are given over the whole run, over its units (up to
+   the last unit's done marker) and over the HATS catalog build (hats-import runs on the same workers). Rows are
+   counted in the Parquet parts and in the HATS catalog (catalogs.open_run), and object ids checked unique.
 Prints one table (both N side by side) ending with `pipeline_vs_engine <ratio>` for the largest N.
 """
 
@@ -47,7 +48,11 @@ from survey_infer.config import available_cores  # noqa: E402
 
 TASK = "mass_to_light"
 SAMPLE_ROWS = 8192
-ROWS_PER_UNIT, ROWS_PER_BATCH = 4096, 256
+ROWS_PER_UNIT = 4096
+# The store's inner chunk, which is the batch the engine gets. 1024-row chunks read for 4.9 us a cutout against
+# 10.2 at 256 (zarr's per-chunk overhead), yet whole runs at 100k were 2-4% slower with them and the worker's
+# peak RSS doubled (693 -> 1,367 MiB; 2026-11-24): the batch's temporaries no longer stay in the caches.
+DEFAULT_ROWS_PER_BATCH = 256
 
 
 # ------------------------------------------------------------------------------------------------ stores
@@ -75,7 +80,7 @@ def _write_blocks(args: tuple) -> int:
     return sum(count for _, count, _ in blocks)
 
 
-def mock_store(path: Path, n: int, dtype: str, codec: str, processes: int) -> tuple[Path, float]:
+def mock_store(path: Path, n: int, dtype: str, codec: str, processes: int, rows_per_batch: int) -> tuple[Path, float]:
     """A mock g-band 69 px cutouts store of ``n`` rows (reused when complete); seconds spent mocking."""
     from survey_infer.store import create_cutouts_store, open_cutouts
     from training.mock import EXTRA_COLUMNS, mock_survey
@@ -83,12 +88,12 @@ def mock_store(path: Path, n: int, dtype: str, codec: str, processes: int) -> tu
     done_marker = path.with_name(path.name + ".complete")
     if done_marker.exists():
         info = open_cutouts(path)
-        if info.n_rows == n and str(info.image_dtype) == dtype:
+        if info.n_rows == n and str(info.image_dtype) == dtype and info.rows_per_read == rows_per_batch:
             return path, 0.0
     log(f"mocking {n} cutouts into {path} ({dtype}, {codec}) on {processes} processes")
     tick = time.perf_counter()
     create_cutouts_store(path, n, (1, 69, 69), EXTRA_COLUMNS, survey=mock_survey(("g",), "universe", 7),
-                         rows_per_unit=ROWS_PER_UNIT, rows_per_batch=ROWS_PER_BATCH, image_dtype=dtype,
+                         rows_per_unit=ROWS_PER_UNIT, rows_per_batch=rows_per_batch, image_dtype=dtype,
                          image_codec=codec, overwrite=True)  # fmt: skip
     blocks = [(start, min(ROWS_PER_UNIT, n - start), int(np.random.SeedSequence([7, i]).generate_state(1)[0]))
               for i, start in enumerate(range(0, n, ROWS_PER_UNIT))]  # fmt: skip
@@ -102,7 +107,7 @@ def mock_store(path: Path, n: int, dtype: str, codec: str, processes: int) -> tu
     return path, time.perf_counter() - tick
 
 
-def codec_table(workdir: Path, sample: tuple[np.ndarray, dict]) -> list[dict]:
+def codec_table(workdir: Path, sample: tuple[np.ndarray, dict], rows_per_batch: int) -> list[dict]:
     """Disk bytes and read CPU per cutout of each dtype x codec on the same sample."""
     from survey_infer.store import IMAGE_CODECS, create_cutouts_store, iter_image_batches, write_block
 
@@ -112,14 +117,14 @@ def codec_table(workdir: Path, sample: tuple[np.ndarray, dict]) -> list[dict]:
         for codec in IMAGE_CODECS:
             path = workdir / f"codec-{dtype}-{codec}.zarr"
             group = create_cutouts_store(path, len(images), images.shape[1:], {}, survey={"bands": ["g"]},
-                                         rows_per_unit=ROWS_PER_UNIT, rows_per_batch=ROWS_PER_BATCH, image_dtype=dtype,
+                                         rows_per_unit=ROWS_PER_UNIT, rows_per_batch=rows_per_batch, image_dtype=dtype,
                                          image_codec=codec, overwrite=True)  # fmt: skip
             write_block(group, 0, images, {k: columns[k] for k in ("object_id", "ra", "dec")})
             size = sum(f.stat().st_size for f in (path / "images").rglob("*") if f.is_file())
             best = np.inf
             for _ in range(3):  # CPU time of a full read, best of three (the page cache is warm after the write)
                 tick = time.process_time()
-                for _ in iter_image_batches(path, 0, len(images), ROWS_PER_BATCH):
+                for _ in iter_image_batches(path, 0, len(images), rows_per_batch):
                     pass
                 best = min(best, time.process_time() - tick)
             rows.append({"dtype": dtype, "codec": codec, "bytes_per_row": size / len(images),
@@ -145,11 +150,11 @@ def float16_effect(bundle_dir: Path, images: np.ndarray) -> float:
     return float(np.max(np.abs(exact - rounded)))
 
 
-def measure_bare(bundle_dir: Path, inputs: dict, threads: int, precision: str, seconds: float) -> dict:
-    """The bare ONNX Runtime engine at ``precision`` on in-memory cutouts (no I/O), batch 256: one session of all
-    cores and one single-threaded session per core side by side (as the pipeline's worker threads run it); the
-    faster of the two is the reference, so the ratio never flatters the pipeline."""
-    modes = [bench_measure_bare("onnxruntime", bundle_dir, inputs, 256, threads, seconds, sessions=k, precision=precision)
+def measure_bare(bundle_dir: Path, inputs: dict, threads: int, precision: str, seconds: float, batch: int) -> dict:
+    """The bare ONNX Runtime engine at ``precision`` on in-memory cutouts (no I/O) in the pipeline's batches: one
+    session of all cores and one single-threaded session per core side by side (as the pipeline's worker threads run
+    it); the faster of the two is the reference, so the ratio never flatters the pipeline."""
+    modes = [bench_measure_bare("onnxruntime", bundle_dir, inputs, batch, threads, seconds, sessions=k, precision=precision)
              for k in sorted({1, threads})]  # fmt: skip
     best = max(modes, key=lambda m: m["rows_per_s"])
     return {**best, "modes": {bare_label(m): m["rows_per_s"] for m in modes}}
@@ -159,14 +164,14 @@ def measure_bare(bundle_dir: Path, inputs: dict, threads: int, precision: str, s
 
 
 class RssSampler:
-    """Peak RSS of this process and of every descendant (Dask nannies, workers), sampled in a thread."""
+    """RSS of this process and of every descendant (Dask nannies, workers), sampled in a thread; the peaks of the
+    whole run and of any time span of it (the units, the catalog build)."""
 
     def __init__(self, interval: float = 0.5) -> None:
         import psutil
 
         self.psutil, self.interval = psutil, interval
-        self.peaks: dict[int, int] = {}
-        self.names: dict[int, str] = {}
+        self.samples: list[tuple[float, int, int]] = []  # (unix time, pid, rss bytes)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -177,7 +182,19 @@ class RssSampler:
                 rss = proc.memory_info().rss
             except self.psutil.Error:
                 continue
-            self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), rss)
+            self.samples.append((time.time(), proc.pid, rss))
+
+    @property
+    def peaks(self) -> dict[int, int]:
+        return self.peaks_between(-np.inf, np.inf)
+
+    def peaks_between(self, start: float, stop: float) -> dict[int, int]:
+        """Peak RSS of each process over the samples taken in [start, stop] (unix times)."""
+        peaks: dict[int, int] = {}
+        for when, pid, rss in self.samples:
+            if start <= when <= stop:
+                peaks[pid] = max(peaks.get(pid, 0), rss)
+        return peaks
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -198,6 +215,7 @@ def run_and_measure(store: Path, bundle_dir: Path, out_dir: Path, precision: str
     """One `survey-infer run`-equivalent with the catalog; wall, rows/s, peak RSS by role, rows counted."""
     import pyarrow.parquet as pq
 
+    from survey_infer import paths
     from survey_infer.cluster import client_for
     from survey_infer.config import RunConfig
     from survey_infer.pipeline import plan_run, run_pipeline
@@ -223,9 +241,13 @@ def run_and_measure(store: Path, bundle_dir: Path, out_dir: Path, precision: str
     parts = sorted((out_dir / "parts").glob("*.parquet"))
     counted = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     ids = pq.read_table(parts, columns=["object_id"]).column(0).to_numpy()
+    units_end = max(p.stat().st_mtime for p in (out_dir / paths.DONE_DIR).iterdir())  # the last unit's done marker
+    phases = {"": rss.peaks, " units": rss.peaks_between(-np.inf, units_end),
+              " catalog": rss.peaks_between(units_end, np.inf)}  # fmt: skip
     by_role: dict[str, list[int]] = {}
-    for pid, peak in rss.peaks.items():
-        by_role.setdefault(roles.get(pid, "other child processes"), []).append(peak)
+    for phase, peaks in phases.items():
+        for pid, peak in peaks.items():
+            by_role.setdefault(roles.get(pid, "other child processes") + phase, []).append(peak)
     return {
         "exit_code": result.exit_code, "status": record["status"], "wall_s": wall,
         "units_s": record["timings"]["units_seconds"], "catalog_s": record["timings"]["catalog_seconds"],
@@ -233,6 +255,19 @@ def run_and_measure(store: Path, bundle_dir: Path, out_dir: Path, precision: str
         "rows_counted": counted, "catalog_rows": catalog_rows, "ids_unique": len(np.unique(ids)) == len(ids), "rss": by_role,
         "other_cores": cpu["other_cores"], "engine": record.get("engine"), "failures": record["failures"][:3],
     }  # fmt: skip
+
+
+def run_in_fresh_process(store: Path, bundle_dir: Path, out_dir: Path, precision: str) -> dict:
+    """`run_and_measure` in a new Python process, so that the client's RSS is the run's own: this process holds
+    the codec sample, the bare engines and the earlier runs' leftovers (bench/README.md, 2026-11-24)."""
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-run", str(store), str(bundle_dir),
+                           str(out_dir), precision], capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"the run of {store} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -247,49 +282,61 @@ def main() -> int:
     parser.add_argument("--codec", choices=["blosc-lz4", "blosc-zstd", "none"], help="images codec (default: measured)")
     parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="ONNX Runtime model precision")
     parser.add_argument("--bare-seconds", type=float, default=15.0)
+    parser.add_argument("--rows-per-batch", type=int, default=DEFAULT_ROWS_PER_BATCH,
+                        help="the store's inner chunk rows: the batch the engine gets (the bare reference's too)")
     parser.add_argument("--results", type=Path, help="also write the table here")
+    parser.add_argument("--child-run", nargs=4, metavar=("STORE", "BUNDLE", "OUT", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_run:  # one run, measured in this fresh process (run_in_fresh_process)
+        import json
+
+        store, bundle, out, precision = args.child_run
+        print(json.dumps(run_and_measure(Path(store), Path(bundle), Path(out), precision), default=str))
+        return 0
     command = " ".join(shlex.quote(a) for a in ["python", "bench/million.py", *sys.argv[1:]])
     cores = available_cores()
     args.workdir.mkdir(parents=True, exist_ok=True)
     bundle_dir = default_bundle_path(TASK)
 
     sample = _simulate_block((0, SAMPLE_ROWS, 12345))[1:]
-    codecs = codec_table(args.workdir, sample)
+    codecs = codec_table(args.workdir, sample, args.rows_per_batch)
     chosen = choose_codec(codecs, args.n, args.workdir)
     dtype, codec = args.dtype or chosen["dtype"], args.codec or chosen["codec"]
     f16_change = float16_effect(bundle_dir, sample[0])
 
     sizes = sorted({n for n in (args.compare, args.n) if n})
-    stores = {n: mock_store(args.workdir / f"mock-{n}-{dtype}-{codec}.zarr", n, dtype, codec, cores) for n in sizes}
+    batch = args.rows_per_batch
+    suffix = "" if batch == DEFAULT_ROWS_PER_BATCH else f"-b{batch}"
+    stores = {n: mock_store(args.workdir / f"mock-{n}-{dtype}-{codec}{suffix}.zarr", n, dtype, codec, cores, batch)
+              for n in sizes}  # fmt: skip
 
     from survey_infer.store import open_cutouts
 
     inputs = bare_inputs(bundle_dir, stores[sizes[0]][0], 4096)
     log("bare engine before the runs")
-    before = measure_bare(bundle_dir, inputs, cores, args.precision, args.bare_seconds)
+    before = measure_bare(bundle_dir, inputs, cores, args.precision, args.bare_seconds, batch)
     runs = {}
     for n in sizes:
         log(f"run {n}")
-        runs[n] = run_and_measure(stores[n][0], bundle_dir, args.workdir / f"out-{n}", args.precision)
+        runs[n] = run_in_fresh_process(stores[n][0], bundle_dir, args.workdir / f"out-{n}", args.precision)
     log("bare engine after the runs")
-    after = measure_bare(bundle_dir, inputs, cores, args.precision, args.bare_seconds)
+    after = measure_bare(bundle_dir, inputs, cores, args.precision, args.bare_seconds, batch)
     reference = (before["rows_per_s"] + after["rows_per_s"]) / 2
 
     mib = 1024.0**2
     lines = [f"# {command}",
              f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')}, {_cpu_model()}, {cores} cores, "
              f"onnxruntime {args.precision}",
-             "", f"codec on {SAMPLE_ROWS} mock cutouts (69x69 g band):",
+             "", f"codec on {SAMPLE_ROWS} mock cutouts (69x69 g band), read {batch} at a time:",
              f"{'dtype':9s}{'codec':12s}{'bytes/cutout':>14s}{'read CPU us/cutout':>20s}"]  # fmt: skip
     for row in codecs:
         mark = "  <- used" if (row["dtype"], row["codec"]) == (dtype, codec) else ""
         lines.append(f"{row['dtype']:9s}{row['codec']:12s}{row['bytes_per_row']:14.0f}{row['read_us_per_row']:20.1f}{mark}")
     lines.append(f"float16 pixels change ml_g by at most {f16_change:.2e} Msun/Lsun on the sample (same engine)")
-    lines += ["", f"{'':34s}" + "".join(f"{n:>16,d}" for n in sizes)]
+    lines += ["", f"{'':46s}" + "".join(f"{n:>16,d}" for n in sizes)]
 
     def row(label: str, values: list[str]) -> None:
-        lines.append(f"{label:34s}" + "".join(f"{v:>16s}" for v in values))
+        lines.append(f"{label:46s}" + "".join(f"{v:>16s}" for v in values))
 
     row("mock (s, cached = 0)", [f"{stores[n][1]:.0f}" for n in sizes])
     row("store size on disk (GiB)", [f"{sum(f.stat().st_size for f in stores[n][0].rglob('*') if f.is_file()) / 1024**3:.2f}"

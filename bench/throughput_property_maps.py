@@ -11,6 +11,7 @@ their ratio, and the peak memory of runs of increasing N (it should stay flat).
    ``--threads`` / sessions threads), catalog building off; maps/s from the units'
    time; the process's peak RSS (ru_maxrss) at the end.
 4. The fastest bare engine again after the pipelines (the shared VM drifts): the reference is their mean.
+5. The CPU a row of writing maps.zarr alone (`map_write_costs`), with and without zarr's empty-chunk test.
 Reported with the CPU other processes took meanwhile (``others``): on a busy machine the numbers are low.
 """
 
@@ -57,6 +58,46 @@ def prepared(bundle_dir: Path, store: Path, rows: int) -> dict[str, np.ndarray]:
     columns = {c: group[c][:rows] for c in get_task(TASK).input_columns(bundle)}
     inputs, _ = get_task(TASK).prepare(images, columns, bundle)
     return {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+
+
+def map_write_costs(bundle_dir: Path, inputs: dict[str, np.ndarray], workdir: Path, repeats: int = 3) -> dict[str, float]:
+    """CPU ms a row of writing maps.zarr's maps and errors as a unit does (`RowArrayWriter`, one thread, chunks of
+    64 rows), with every chunk written (the pipeline's setting) and with zarr's default test of each chunk against
+    the fill value; the best of ``repeats``."""
+    import shutil
+
+    from survey_infer import array_outputs
+    from survey_infer.bundle import load_bundle
+    from survey_infer.engines import make_engine
+    from survey_infer.tasks import get_task
+
+    bundle, task = load_bundle(bundle_dir), get_task(TASK)
+    outputs = make_engine("onnxruntime", bundle, threads=1, device="cpu").run(inputs)
+    n = len(inputs["image"])
+    flags = np.zeros(n, np.int32)
+    maps = task.postprocess(outputs, {"size_kpc": np.full(n, 5.0), "distance_mpc": np.full(n, 100.0)}, flags, bundle)
+    arrays = {k: maps[k] for k in ("maps", "maps_err")}
+    specs = [o for o in task.array_outputs(bundle) if o.name in arrays]
+    costs, kept = {}, array_outputs.WRITE_EVERY_CHUNK
+    try:
+        for label, empty in (("every chunk", True), ("zarr empty-chunk test", False)):
+            array_outputs.WRITE_EVERY_CHUNK = {"write_empty_chunks": empty}  # read by each writer's arrays
+            best = np.inf
+            for _ in range(repeats):
+                store = workdir / "write_cost.zarr"
+                shutil.rmtree(store, ignore_errors=True)
+                array_outputs.create_row_arrays(store, specs, n, ((0, n),), {}, rows_per_read=64)
+                tick = time.process_time()
+                writer = array_outputs.RowArrayWriter(store, 0, n)
+                for start in range(0, n, 64):
+                    writer.add(np.arange(start, start + 64), {k: v[start : start + 64] for k, v in arrays.items()})
+                writer.close()
+                best = min(best, time.process_time() - tick)
+            costs[label] = 1e3 * best / n
+    finally:
+        array_outputs.WRITE_EVERY_CHUNK = kept
+        shutil.rmtree(workdir / "write_cost.zarr", ignore_errors=True)
+    return costs
 
 
 def child(args: argparse.Namespace) -> None:
@@ -137,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     again = measure_bare(best["engine"], args.bundle, inputs, 64, args.threads, args.min_seconds,
                          sessions=best["sessions"])  # fmt: skip
     reference = 0.5 * (best["rows_per_s"] + again["rows_per_s"])
+    writes = map_write_costs(args.bundle, inputs, args.workdir)
     lines = [f"property_maps throughput, bundle {Path(args.bundle).name}, 64 px ugriz -> 6 maps + errors, "
              f"{args.threads} threads ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
              f"command: {command}", f"waited {waited:.0f} s for an idle machine (--wait-idle {args.wait_idle:g})", "",
@@ -155,12 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     lines.append(f"pipeline_vs_engine {top['maps_per_s'] / reference:.3f} (the fastest pipeline at the largest N, "
                  f"{top['mode']}, against the mean of the two {bare_label(best)} measurements bracketing the "
                  f"pipelines, {reference:.1f} maps/s)")  # fmt: skip
+    lines.append("maps.zarr writes alone (maps + errors, 64-row chunks, one thread), CPU ms a row: "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in writes.items()))  # fmt: skip
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "throughput_property_maps.txt").write_text(text + "\n")
     (RESULTS / "throughput_property_maps.json").write_text(json.dumps(
-        {"bare": bare, "again": again, "runs": runs, "reference": reference, "command": command}, indent=1,
+        {"bare": bare, "again": again, "runs": runs, "reference": reference, "writes_ms_per_row": writes,
+         "command": command}, indent=1,
         default=str))  # fmt: skip
 
 

@@ -192,3 +192,15 @@ def test_one_group_per_unit_and_overwrite_clears_the_old_store(client, monkeypat
     catalog = read_parts(out).set_index("object_id")
     np.testing.assert_allclose(root["first-128"]["ml_g"][:], catalog.loc[range(128, 256), "ml_g"].to_numpy())
     assert not (out / "sfh.zarr" / "stale").exists()
+
+
+def test_a_batch_of_empty_rows_still_writes_its_chunk(tmp_path):
+    """Units own their chunks and write them whole, NaN or not (zarr's empty-chunk test is skipped: it cost a third
+    of the write), so a redone unit always replaces what an earlier attempt wrote."""
+    store = tmp_path / "maps.zarr"
+    create_row_arrays(store, [ArrayOutput("maps", (2,), "float32", "", "test")], 8, ((0, 8),), {}, rows_per_read=4)
+    writer = RowArrayWriter(store, 0, 8)
+    writer.add(np.arange(4), {"maps": np.full((4, 2), np.nan, np.float32)})
+    writer.add(np.arange(4, 8), {"maps": np.ones((4, 2), np.float32)})
+    writer.close()
+    assert sorted(p.name for p in (store / "maps" / "c").iterdir()) == ["0", "1"]
