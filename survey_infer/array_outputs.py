@@ -37,8 +37,9 @@ ID_ARRAY = "object_id"
 ROW_ARRAY_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 TEMP_GROUPS_DIR = ".array-groups.tmp"  # beside the array store; emptied when the run ends
 # Units write whole chunks of their own, so zarr's test of each chunk against the fill value (to skip writing an
-# empty one) only costs: writing 64 x 64 property maps and errors took 0.38 ms a row with it, 0.25 without it
-# (one thread, 2026-11-24). Every chunk of a unit is then on disk, NaN-filled or not.
+# empty one) only costs: 64 x 64 property maps and errors took 0.407 ms a row to write with it, 0.359 without it
+# (bench/throughput_property_maps.py, 64-row chunks; 0.38 -> 0.25 with 256-row chunks). Every chunk of a unit is
+# then on disk, NaN-filled or not.
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
