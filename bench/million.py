@@ -41,7 +41,7 @@ for path in (REPO, REPO / "bench"):
         sys.path.insert(0, str(path))
 
 from throughput import CpuMonitor, _cpu_model, bare_inputs, bare_label, log  # noqa: E402
-from throughput import measure_bare as bench_measure_bare  # noqa: E402
+from throughput import measure_bare_modes  # noqa: E402
 
 from survey_infer.bundle import default_bundle_path, load_bundle  # noqa: E402
 from survey_infer.config import available_cores  # noqa: E402
@@ -154,8 +154,7 @@ def measure_bare(bundle_dir: Path, inputs: dict, threads: int, precision: str, s
     """The bare ONNX Runtime engine at ``precision`` on in-memory cutouts (no I/O) in the pipeline's batches: one
     session of all cores and one single-threaded session per core side by side (as the pipeline's worker threads run
     it); the faster of the two is the reference, so the ratio never flatters the pipeline."""
-    modes = [bench_measure_bare("onnxruntime", bundle_dir, inputs, batch, threads, seconds, sessions=k, precision=precision)
-             for k in sorted({1, threads})]  # fmt: skip
+    modes = measure_bare_modes("onnxruntime", bundle_dir, inputs, batch, threads, seconds, precision)
     best = max(modes, key=lambda m: m["rows_per_s"])
     return {**best, "modes": {bare_label(m): m["rows_per_s"] for m in modes}}
 

@@ -367,6 +367,14 @@ def measure_bare(engine_name: str, bundle_dir: Path, inputs, batch: int, threads
     return result
 
 
+def measure_bare_modes(engine_name: str, bundle_dir: Path, inputs, batch: int, threads: int, min_seconds: float,
+                       precision: str = "fp32") -> list[dict]:  # fmt: skip
+    """`measure_bare` as one session of all ``threads`` and as ``threads`` 1-thread sessions side by side (the
+    pipeline's worker threads run the latter): which is faster depends on the model and machine."""
+    return [measure_bare(engine_name, bundle_dir, inputs, batch, threads, min_seconds, sessions=k, precision=precision)
+            for k in sorted({1, threads})]  # fmt: skip
+
+
 def bare_label(result: dict) -> str:
     """'onnxruntime 1x2' (sessions x threads each): how a bare measurement ran."""
     return f"{result['engine']} {result['sessions']}x{max(1, result['threads'] // result['sessions'])}"

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.throughput import CpuMonitor, bare_label, measure_bare, wait_for_idle  # noqa: E402
+from bench.throughput import CpuMonitor, bare_label, measure_bare, measure_bare_modes, wait_for_idle  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 TASK = "property_maps"
@@ -166,9 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     stores = {n: ensure_store(args.workdir, n) for n in sizes}
     waited = wait_for_idle(args.wait_idle)
     inputs = prepared(args.bundle, stores[sizes[0]], 512)
-    session_modes = sorted({1, args.threads})  # one session of all threads; one 1-thread session per thread
-    bare = [measure_bare(e, args.bundle, inputs, 64, args.threads, args.min_seconds, sessions=k)
-            for e in args.engines.split(",") for k in session_modes]  # fmt: skip
+    bare = [mode for e in args.engines.split(",")
+            for mode in measure_bare_modes(e, args.bundle, inputs, 64, args.threads, args.min_seconds)]  # fmt: skip
     best = max(bare, key=lambda r: r["rows_per_s"])
     runs = []  # every engine through the pipeline in its own fastest mode: the best pipeline against the best bare
     for engine in dict.fromkeys(r["engine"] for r in bare):
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
              "bare engine: sessions x threads each, side by side (the pipeline's worker threads run one 1-thread "
              "session each); the fastest is the reference",
              f"{'bare engine':26s}{'maps/s':>9s}{'batch ms':>10s}{'others':>8s}"]  # fmt: skip
-    for r in bare + [dict(again, engine=again["engine"], again=True)]:
+    for r in bare + [dict(again, again=True)]:
         label = bare_label(r) + (" (again)" if r.get("again") else "")
         lines.append(f"{label:26s}{r['rows_per_s']:9.1f}{r['batch_ms_median']:10.1f}{r['other_cores']:8.2f}")
     lines += ["", f"{'pipeline (engine mode)':26s}{'N':>6s}{'units':>6s}{'maps/s':>9s}{'vs best bare':>13s}"

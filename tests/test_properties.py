@@ -54,6 +54,8 @@ def ingest_or_refusal(ingest: Callable[[], Any], store: Path, names_what: Callab
         return False, None
     event("ingested")
     return True, result
+
+
 DTYPES = ["float32", "float16", "float64", "int16", "uint8", "int64"]
 
 

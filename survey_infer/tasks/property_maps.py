@@ -106,12 +106,12 @@ class PropertyMaps(AsinhCutoutTask):
         n = len(raw)
         if raw.ndim != 4 or raw.shape[1] != len(MAP_NAMES):
             raise BundleError(f"bundle {bundle.id}: engine output 'maps' has shape {raw.shape}; (N, 6, H, W) expected")
-        empty = self._empty_pixels(outputs, flags, bundle)
+        no_estimate = (flags & NO_ESTIMATE) != 0
+        empty = self._empty_pixels(outputs, no_estimate, bundle)
         nan = np.float32(np.nan)
         maps = np.where(empty, nan, raw)
         err = self._map_errors(outputs, bundle)
         np.copyto(err, nan, where=empty)
-        no_estimate = (flags & NO_ESTIMATE) != 0
         pix_kpc = FOV_IN_HALF_LIGHT_RADII * np.asarray(columns.get("size_kpc", np.full(n, np.nan)), np.float64) / raw.shape[-1]
         known = np.isfinite(pix_kpc) & (pix_kpc > 0)
         flags[~known & ~no_estimate] |= FLAG_BITS["missing_metadata"]
@@ -125,12 +125,11 @@ class PropertyMaps(AsinhCutoutTask):
         return {**sums, "maps": maps, "maps_err": err, "pixel_scale_arcsec": pixel_scale}
 
     @staticmethod
-    def _empty_pixels(outputs, flags, bundle) -> np.ndarray:
+    def _empty_pixels(outputs, no_estimate: np.ndarray, bundle) -> np.ndarray:
         """(N, 6, H, W) bool: pixels predicted empty (probability above the bundle's threshold) or of rows
-        without an estimate."""
+        without an estimate (``no_estimate`` (N,) bool)."""
         threshold = float(bundle.output_spec.get("empty_probability_threshold", 0.5))
         empty = np.asarray(outputs["empty_logit"]) > np.float32(np.log(threshold / (1.0 - threshold)))
-        no_estimate = (flags & NO_ESTIMATE) != 0
         if no_estimate.any():
             empty[no_estimate] = True
         return empty
@@ -147,7 +146,6 @@ class PropertyMaps(AsinhCutoutTask):
         rng = np.random.default_rng(seed)
         shape = tuple(bundle.input_spec["image"]["shape"])
         return {"image": rng.normal(0.0, 1.5, size=(n_rows, *shape)).astype(np.float32)}
-
 
 
 LN10 = np.float32(np.log(10.0))
