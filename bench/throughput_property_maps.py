@@ -3,7 +3,8 @@ their ratio, and the peak memory of runs of increasing N (it should stay flat).
 
     python bench/throughput_property_maps.py [--n 2048,8192] [--threads 2] [--bundle DIR] [--wait-idle 60]
 
-1. Mocks property-maps stores of each N (64 px ugriz, 256 rows per unit) in a work directory (reused).
+1. Mocks property-maps stores of each N (64 px ugriz, 256 rows per unit, images uncompressed unless
+   ``--image-codec`` says otherwise) in a work directory (reused).
 2. Bare engines (onnxruntime, torch) on 512 prepared cutouts in memory, batch 64: one session of ``--threads``
    threads, and ``--threads`` 1-thread sessions side by side (as the pipeline runs them); the fastest counts.
 3. For each engine and N, in a fresh subprocess (so that its peak RSS is its own): run_pipeline with the engine in
@@ -32,18 +33,26 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.throughput import CpuMonitor, bare_label, measure_bare, measure_bare_modes, wait_for_idle  # noqa: E402
+from survey_infer.store import DEFAULT_IMAGE_CODEC, IMAGE_CODECS  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 TASK = "property_maps"
 
 
-def ensure_store(workdir: Path, n: int) -> Path:
+def ensure_store(workdir: Path, n: int, image_codec: str = DEFAULT_IMAGE_CODEC) -> Path:
     from training.mock_property_maps import write_mock_property_maps
 
-    store = workdir / f"pm_{n}.zarr"
+    suffix = "" if image_codec == DEFAULT_IMAGE_CODEC else f"-{image_codec}"
+    store = workdir / f"pm_{n}{suffix}.zarr"
     if not (store / "zarr.json").exists():
-        write_mock_property_maps(store, n, size=64, seed=77, rows_per_unit=256, rows_per_batch=64, overwrite=True)
+        write_mock_property_maps(store, n, size=64, seed=77, rows_per_unit=256, rows_per_batch=64, overwrite=True,
+                                 image_codec=image_codec)  # fmt: skip
     return store
+
+
+def images_mb(store: Path) -> float:
+    """On-disk size of the store's images array (MB)."""
+    return sum(p.stat().st_size for p in (store / "images").rglob("*") if p.is_file()) / 2**20
 
 
 def prepared(bundle_dir: Path, store: Path, rows: int) -> dict[str, np.ndarray]:
@@ -148,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/survey_infer_bench_pm"))
     p.add_argument("--engines", default="onnxruntime,torch")
     p.add_argument("--wait-idle", type=float, default=0.0)
+    p.add_argument("--image-codec", default="none", choices=list(IMAGE_CODECS),
+                   help="the mock stores' images codec (none: lz4 saves ~9%% of 64 px ugriz noise at ~75 us a row "
+                        "of decompression, ~10%% of the pipeline's speed here)")  # fmt: skip
     p.add_argument("--min-seconds", type=float, default=8.0)
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     p.add_argument("--sessions", type=int, default=None, help=argparse.SUPPRESS)
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python bench/throughput_property_maps.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.workdir.mkdir(parents=True, exist_ok=True)
     sizes = [int(x) for x in args.n.split(",")]
-    stores = {n: ensure_store(args.workdir, n) for n in sizes}
+    stores = {n: ensure_store(args.workdir, n, args.image_codec) for n in sizes}
     waited = wait_for_idle(args.wait_idle)
     inputs = prepared(args.bundle, stores[sizes[0]], 512)
     bare = [mode for e in args.engines.split(",")
@@ -180,7 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     writes = map_write_costs(args.bundle, inputs, args.workdir)
     lines = [f"property_maps throughput, bundle {Path(args.bundle).name}, 64 px ugriz -> 6 maps + errors, "
              f"{args.threads} threads ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
-             f"command: {command}", f"waited {waited:.0f} s for an idle machine (--wait-idle {args.wait_idle:g})", "",
+             f"command: {command}",
+             f"stores: images codec {args.image_codec}, {images_mb(stores[sizes[-1]]):.0f} MB of images at N={sizes[-1]}",
+             f"waited {waited:.0f} s for an idle machine (--wait-idle {args.wait_idle:g})", "",
              "bare engine: sessions x threads each, side by side (the pipeline's worker threads run one 1-thread "
              "session each); the fastest is the reference",
              f"{'bare engine':26s}{'maps/s':>9s}{'batch ms':>10s}{'others':>8s}"]  # fmt: skip

@@ -233,4 +233,5 @@ def asinh_transform(images: np.ndarray, softening: np.ndarray | list[float]) -> 
     soft = np.asarray(softening, dtype=np.float32)
     if soft.shape != (images.shape[1],) or not np.all(soft > 0):
         raise ValueError(f"softening must be {images.shape[1]} positive values (one per band); got {softening}")
-    return np.arcsinh(images.astype(np.float32, copy=False) / soft[None, :, None, None]).astype(np.float32)
+    scaled = np.divide(images, soft[None, :, None, None], dtype=np.float32)  # a new float32 array
+    return np.arcsinh(scaled, out=scaled)  # in place: half the cost of a second temporary on every row of a run

@@ -201,6 +201,17 @@ def test_wrong_bands_or_log_scaled_images_are_refused(tmp_path, tiny_maps_bundle
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
+def test_mock_stores_take_the_images_codec(tmp_path):
+    """The throughput bench mocks uncompressed stores (`--image-codec none`): same pixels, no compressor."""
+    plain = write_mock_property_maps(tmp_path / "plain.zarr", 8, size=SIZE, seed=1, rows_per_unit=8, rows_per_batch=8,
+                                     image_codec="none")  # fmt: skip
+    packed = write_mock_property_maps(tmp_path / "lz4.zarr", 8, size=SIZE, seed=1, rows_per_unit=8, rows_per_batch=8)
+    plain_images = zarr.open_group(str(plain), mode="r")["images"]
+    packed_images = zarr.open_group(str(packed), mode="r")["images"]
+    assert plain_images.compressors == () and packed_images.compressors != ()
+    np.testing.assert_array_equal(plain_images[:], packed_images[:])
+
+
 SHIPPED = Path(__file__).resolve().parents[1] / "survey_infer" / "data" / "bundles" / "property_maps-unet64-v1"
 
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from survey_infer.paths import truth_maps_path, truth_path
-from survey_infer.store import create_cutouts_store, write_block
+from survey_infer.store import DEFAULT_IMAGE_CODEC, create_cutouts_store, write_block
 from training.mock import EXTRA_COLUMNS
 from training.sim.universe import (
     ELECTRONS_PER_NMGY, EMPTY_SIGMA_MSUN_KPC2, EMPTY_SIGMA_SFR, FOV_IN_HALF_LIGHT_RADII, PIXEL_SCALE_ARCSEC,
@@ -54,13 +54,14 @@ def simulate_block(n: int, size: int, seed: int, first_id: int, bands: tuple[str
 
 def write_mock_property_maps(
     store: str | Path, n: int, *, size: int = 64, seed: int = 0, bands: tuple[str, ...] = BANDS,
-    rows_per_unit: int = 256, rows_per_batch: int = 64, overwrite: bool = False,
+    rows_per_unit: int = 256, rows_per_batch: int = 64, overwrite: bool = False, image_codec: str = DEFAULT_IMAGE_CODEC,
 ) -> Path:
-    """Write the store, its truth table and its truth maps (see the module docstring)."""
+    """Write the store, its truth table and its truth maps (see the module docstring); ``image_codec``: one of
+    survey_infer.store.IMAGE_CODECS."""
     store = Path(store)
     group = create_cutouts_store(
         store, n, (len(bands), size, size), EXTRA_COLUMNS, survey=survey_attrs(tuple(bands), seed),
-        rows_per_unit=rows_per_unit, rows_per_batch=rows_per_batch, overwrite=overwrite,
+        rows_per_unit=rows_per_unit, rows_per_batch=rows_per_batch, overwrite=overwrite, image_codec=image_codec,
     )  # fmt: skip
     block = int(group["images"].shards[0])
     root = zarr.open_group(truth_maps_path(store), mode="w" if overwrite else "w-", zarr_format=3)
