@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wait-idle", type=float, default=0.0)
     p.add_argument("--image-codec", default="none", choices=list(IMAGE_CODECS),
                    help="the mock stores' images codec (none: lz4 saves ~9%% of 64 px ugriz noise at ~75 us a row "
-                        "of decompression, ~10%% of the pipeline's speed here)")  # fmt: skip
+                        "of decompression, ~6%% of the pipeline's speed here)")  # fmt: skip
     p.add_argument("--min-seconds", type=float, default=8.0)
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     p.add_argument("--sessions", type=int, default=None, help=argparse.SUPPRESS)
