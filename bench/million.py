@@ -41,7 +41,7 @@ for path in (REPO, REPO / "bench"):
         sys.path.insert(0, str(path))
 
 from throughput import CpuMonitor, _cpu_model, bare_inputs, bare_label, log  # noqa: E402
-from throughput import measure_bare_modes  # noqa: E402
+from throughput import measure_bare_modes, tree_bytes  # noqa: E402
 
 from survey_infer.bundle import default_bundle_path, load_bundle  # noqa: E402
 from survey_infer.config import available_cores  # noqa: E402
@@ -120,7 +120,7 @@ def codec_table(workdir: Path, sample: tuple[np.ndarray, dict], rows_per_batch: 
                                          rows_per_unit=ROWS_PER_UNIT, rows_per_batch=rows_per_batch, image_dtype=dtype,
                                          image_codec=codec, overwrite=True)  # fmt: skip
             write_block(group, 0, images, {k: columns[k] for k in ("object_id", "ra", "dec")})
-            size = sum(f.stat().st_size for f in (path / "images").rglob("*") if f.is_file())
+            size = tree_bytes(path / "images")
             best = np.inf
             for _ in range(3):  # CPU time of a full read, best of three (the page cache is warm after the write)
                 tick = time.process_time()
@@ -338,7 +338,7 @@ def main() -> int:
         lines.append(f"{label:46s}" + "".join(f"{v:>16s}" for v in values))
 
     row("mock (s, cached = 0)", [f"{stores[n][1]:.0f}" for n in sizes])
-    row("store size on disk (GiB)", [f"{sum(f.stat().st_size for f in stores[n][0].rglob('*') if f.is_file()) / 1024**3:.2f}"
+    row("store size on disk (GiB)", [f"{tree_bytes(stores[n][0]) / 1024**3:.2f}"
                                      for n in sizes])  # fmt: skip
     row("status", [runs[n]["status"] for n in sizes])
     row("rows counted in parts", [f"{runs[n]['rows_counted']:,d}" for n in sizes])

@@ -11,8 +11,8 @@ The threads take the store's batches in turn and run, per batch, one of these le
 1. ``engine``: the engine alone on prepared in-memory batches (the benches' reference);
 2. ``+ read``: read the batch from the Zarr store as float32 (the array opened once, as a unit opens it), then the task's ``prepare`` (NaN/empty flags,
    scaling, metadata), then the engine;
-3. ``+ row work``: then the task's ``postprocess``, its input statistics and the trust score (``ood_score``),
-   which every row of a run gets;
+3. ``+ row work``: then what every row of a run gets after the engine (``worker.batch_results``: the task's
+   ``postprocess``, its input statistics and the trust score);
 4. ``+ outputs``: then the task's row arrays (e.g. maps.zarr) written chunk by chunk, where the task has any.
 
 Each level runs twice, interleaved with the engine alone (the VM drifts); the ratio is a level's mean rows/s over
@@ -43,11 +43,10 @@ if str(REPO) not in sys.path:
 from survey_infer.bundle import default_bundle_path, load_bundle  # noqa: E402
 from survey_infer.config import available_cores  # noqa: E402
 from survey_infer.engines import make_engine  # noqa: E402
-from survey_infer.flags import FLAG_BITS, NO_ESTIMATE  # noqa: E402
 from survey_infer.store import IMAGE_ARRAY, open_cutouts, read_columns  # noqa: E402
 from survey_infer.tasks import get_task  # noqa: E402
-from survey_infer.trust import bundle_trust, score_rows  # noqa: E402
-from survey_infer.worker import keep_freed_memory, limit_blas_threads  # noqa: E402
+from survey_infer.trust import bundle_trust  # noqa: E402
+from survey_infer.worker import batch_results, keep_freed_memory, limit_blas_threads  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 LEVELS = ("engine", "+ read", "+ row work", "+ outputs")
@@ -105,9 +104,7 @@ class Ceiling:
         if level == "+ read":
             return
         columns = self._batch_columns(start)
-        results = self.task.postprocess(outputs, columns, flags, self.bundle)
-        statistics = self.task.input_statistics(images, self.bundle) if self.trust and self.trust.n_statistics else None
-        score_rows(self.trust, outputs, flags, None, NO_ESTIMATE, FLAG_BITS["ood"], statistics)
+        results, _ = batch_results(self.task, self.bundle, self.trust, images, columns, outputs, flags, None)
         if level == "+ outputs" and self.arrays_store is not None:
             from survey_infer.array_outputs import RowArrayWriter
 

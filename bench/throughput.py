@@ -375,6 +375,11 @@ def measure_bare_modes(engine_name: str, bundle_dir: Path, inputs, batch: int, t
             for k in sorted({1, threads})]  # fmt: skip
 
 
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (a store or one of its arrays) on disk."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def bare_label(result: dict) -> str:
     """'onnxruntime 1x2' (sessions x threads each): how a bare measurement ran."""
     return f"{result['engine']} {result['sessions']}x{max(1, result['threads'] // result['sessions'])}"

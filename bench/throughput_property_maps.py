@@ -32,7 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.throughput import CpuMonitor, bare_label, measure_bare, measure_bare_modes, wait_for_idle  # noqa: E402
+from bench.throughput import (  # noqa: E402
+    CpuMonitor, bare_label, measure_bare, measure_bare_modes, tree_bytes, wait_for_idle,
+)
 from survey_infer.store import DEFAULT_IMAGE_CODEC, IMAGE_CODECS  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -48,11 +50,6 @@ def ensure_store(workdir: Path, n: int, image_codec: str = DEFAULT_IMAGE_CODEC) 
         write_mock_property_maps(store, n, size=64, seed=77, rows_per_unit=256, rows_per_batch=64, overwrite=True,
                                  image_codec=image_codec)  # fmt: skip
     return store
-
-
-def images_mb(store: Path) -> float:
-    """On-disk size of the store's images array (MB)."""
-    return sum(p.stat().st_size for p in (store / "images").rglob("*") if p.is_file()) / 2**20
 
 
 def prepared(bundle_dir: Path, store: Path, rows: int) -> dict[str, np.ndarray]:
@@ -133,7 +130,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"n": record["rows"]["out"], "status": record["status"], "units_s": units_s,
                       "maps_per_s": record["rows"]["out"] / units_s, "units": plan.n_units,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "maps_zarr_mb": sum(p.stat().st_size for p in (out / "maps.zarr").rglob("*") if p.is_file()) / 2**20,
+                      "maps_zarr_mb": tree_bytes(out / "maps.zarr") / 2**20,
                       **cpu}))  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
 
@@ -193,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"property_maps throughput, bundle {Path(args.bundle).name}, 64 px ugriz -> 6 maps + errors, "
              f"{args.threads} threads ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
              f"command: {command}",
-             f"stores: images codec {args.image_codec}, {images_mb(stores[sizes[-1]]):.0f} MB of images at N={sizes[-1]}",
+             f"stores: images codec {args.image_codec}, {tree_bytes(stores[sizes[-1]] / 'images') / 2**20:.0f} MB of images at N={sizes[-1]}",
              f"waited {waited:.0f} s for an idle machine (--wait-idle {args.wait_idle:g})", "",
              "bare engine: sessions x threads each, side by side (the pipeline's worker threads run one 1-thread "
              "session each); the fastest is the reference",

@@ -95,14 +95,19 @@ LIGHT_STATISTIC_NAMES = tuple(
 )  # fmt: skip
 
 
+def centred_offsets(shape: tuple[int, int]) -> np.ndarray:
+    """(2, H, W) float64: each pixel's (y, x) offset from the image centre (between pixels for even sizes)."""
+    h, w = shape
+    return np.indices((h, w)) - (np.array([h, w])[:, None, None] - 1) / 2.0
+
+
 @functools.lru_cache(maxsize=32)
 def radial_weights(shape: tuple[int, int], fov_in_radii: float, edges: tuple[float, ...]) -> np.ndarray:
     """(H*W, K) float32 0/1 matrix: column k marks the pixels whose distance from the centre, in framing radii
     (the width / ``fov_in_radii``), lies in [edges[k][0], edges[k][1]). Aperture sums of a whole batch are then one
     matrix product, which is what keeps the per-row statistics cheap on the run's hot path."""
-    h, w = shape
-    yy, xx = np.indices((h, w)) - (np.array([h, w])[:, None, None] - 1) / 2.0
-    radius = (np.hypot(xx, yy) / (w / fov_in_radii)).ravel()
+    yy, xx = centred_offsets(shape)
+    radius = (np.hypot(xx, yy) / (shape[1] / fov_in_radii)).ravel()
     columns = [(radius >= low) & (radius < high) for low, high in edges]
     weights = np.stack(columns, axis=1).astype(np.float32)
     weights.setflags(write=False)
@@ -177,9 +182,9 @@ def _sb_weights(shape: tuple[int, int], fov_in_radii: float) -> np.ndarray:
     """(H*W, 8) float32 weights of `surface_brightness_statistics`: the discs < 0.5, 1, 1.5, 2 and 4 framing
     radii, then x^2 + y^2, x^2 - y^2 and 2xy (in framing radii) inside ELLIPTICITY_RADIUS: every aperture sum and
     second moment of a batch is one matrix product."""
-    h, w = shape
-    yy, xx = np.indices((h, w)) - (np.array([h, w])[:, None, None] - 1) / 2.0
-    x, y = (xx / (w / fov_in_radii)).ravel(), (yy / (w / fov_in_radii)).ravel()
+    yy, xx = centred_offsets(shape)
+    scale = shape[1] / fov_in_radii  # pixels a framing radius
+    x, y = (xx / scale).ravel(), (yy / scale).ravel()
     inside = np.hypot(x, y) < ELLIPTICITY_RADIUS
     moments = np.stack([inside * (x * x + y * y), inside * (x * x - y * y), inside * 2.0 * x * y], axis=1)
     discs = radial_weights(shape, fov_in_radii, _discs(FRAMING_RADII + (4.0,)))

@@ -29,8 +29,8 @@ from survey_infer.store import iter_image_batches, read_columns
 from survey_infer.kinematics import iter_star_batches
 from survey_infer.tiles import CutSpec, iter_tile_batches
 from survey_infer.tasks import get_task
-from survey_infer.tasks.base import UnitResult
-from survey_infer.trust import SCORE_COLUMN, bundle_trust, score_rows
+from survey_infer.tasks.base import Task, UnitResult
+from survey_infer.trust import SCORE_COLUMN, TrustModel, bundle_trust, score_rows
 
 PLUGIN_NAME = "survey-infer-engines"
 
@@ -231,9 +231,7 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
             outputs = engine.run(inputs)
             infer_seconds += time.perf_counter() - tick
             flags |= store_flags
-            results = task.postprocess(outputs, batch_columns, flags, bundle)
-            statistics = task.input_statistics(images, bundle) if trust is not None and trust.n_statistics else None
-            score = score_rows(trust, outputs, flags, spec.ood_threshold, NO_ESTIMATE, FLAG_BITS["ood"], statistics)
+            results, score = batch_results(task, bundle, trust, images, batch_columns, outputs, flags, spec.ood_threshold)
             if row_writer is not None:  # written in the background while the next batch runs
                 row_writer.add(batch_columns["object_id"], {k: results.pop(k) for k in streamed})
             pieces.append({**results, SCORE_COLUMN: score, "flag": flags})
@@ -264,6 +262,16 @@ def process_unit(spec: UnitSpec, unit_index: int) -> dict[str, Any]:
     }
     write_done_marker(Path(spec.out_dir), unit_index, summary)
     return summary
+
+
+def batch_results(task: Task, bundle: Bundle, trust: TrustModel | None, images: Any, columns: dict[str, np.ndarray],
+                  outputs: dict[str, np.ndarray], flags: np.ndarray,
+                  ood_threshold: float | None) -> tuple[dict[str, np.ndarray], np.ndarray]:  # fmt: skip
+    """What every row of a batch gets after the engine: the task's results and the trust score (``ood_score``;
+    ``flags`` gain the task's and the ood bits in place)."""
+    results = task.postprocess(outputs, columns, flags, bundle)
+    statistics = task.input_statistics(images, bundle) if trust is not None and trust.n_statistics else None
+    return results, score_rows(trust, outputs, flags, ood_threshold, NO_ESTIMATE, FLAG_BITS["ood"], statistics)
 
 
 def write_unit_arrays(spec: UnitSpec, unit_index: int, object_ids: np.ndarray, result: UnitResult) -> None:
